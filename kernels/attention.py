@@ -1,0 +1,181 @@
+"""Paged attention over block tables for a flat varlen batch, the KV write, and dense varlen
+attention for training.
+
+Cache layout, one pair per full-attention layer:
+
+    k_cache, v_cache: (num_blocks, block_size, num_kv_heads, head_dim)
+    slot = block_id * block_size + offset   (the flat index the KV write uses)
+
+A step's batch is flat: T tokens from N sequences, decodes (query_len 1) first, then prefill
+chunks. Sequence i's queries are the LAST query_len[i] positions of its context of
+context_len[i] tokens (context includes this step's tokens, already written to the cache),
+so causal masking is aligned bottom-right: query j of sequence i sees keys
+0 .. context_len[i] - query_len[i] + j.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each sequence's queries and keys live; built once per step, shared by all layers.
+
+    Valid for one forward pass: block tables describe the cache as the scheduler left it for
+    this step.
+    """
+
+    num_decodes: int  # sequences [0, num_decodes) have query_len 1
+    query_lens: list[int]  # (N,) host copy, for slicing
+    context_lens: list[int]  # (N,) host copy
+    cu_seqlens_q: torch.Tensor  # (N + 1,) int64
+    context_lens_t: torch.Tensor  # (N,) int64
+    block_tables: torch.Tensor  # (N, max_blocks) int64; entries past a sequence's blocks are 0
+    slot_mapping: torch.Tensor  # (T,) int64, where each new token's K/V is written
+    # Decode fast path: key padding mask over the gathered blocks, True = attend.
+    decode_mask: torch.Tensor | None = None  # (num_decodes, 1, 1, max_decode_blocks * block_size)
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        slot_mapping: torch.Tensor,
+        block_size: int,
+        device: torch.device,
+    ) -> AttentionMetadata:
+        num_decodes = 0
+        while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
+            num_decodes += 1
+        assert all(q > 1 for q in query_lens[num_decodes:]), "decodes must come first"
+        max_blocks = max((len(b) for b in block_tables), default=0)
+        table = torch.zeros((len(block_tables), max(max_blocks, 1)), dtype=torch.int64)
+        for i, blocks in enumerate(block_tables):
+            table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+        cu = torch.zeros(len(query_lens) + 1, dtype=torch.int64)
+        cu[1:] = torch.tensor(query_lens, dtype=torch.int64).cumsum(0)
+        ctx = torch.tensor(context_lens, dtype=torch.int64)
+        decode_mask = None
+        if num_decodes:
+            max_dec_blocks = max(len(b) for b in block_tables[:num_decodes])
+            positions = torch.arange(max_dec_blocks * block_size)
+            decode_mask = (positions[None, :] < ctx[:num_decodes, None])[:, None, None, :]
+            decode_mask = decode_mask.to(device)
+        return cls(
+            num_decodes=num_decodes,
+            query_lens=list(query_lens),
+            context_lens=list(context_lens),
+            cu_seqlens_q=cu.to(device),
+            context_lens_t=ctx.to(device),
+            block_tables=table.to(device),
+            slot_mapping=slot_mapping,
+            decode_mask=decode_mask,
+        )
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write this step's keys/values (T, Hkv, D) into their cache slots. Mutates the caches."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _gather_context(cache: torch.Tensor, blocks: torch.Tensor, context_len: int) -> torch.Tensor:
+    """The first context_len cached positions of one sequence: (context_len, Hkv, D)."""
+    block_size = cache.shape[1]
+    num_blocks = (context_len + block_size - 1) // block_size
+    return cache[blocks[:num_blocks]].flatten(0, 1)[:context_len]
+
+
+def _bottom_right_causal_mask(query_len: int, key_len: int, device: torch.device) -> torch.Tensor:
+    """(query_len, key_len) bool, True = attend; query j sits at key position key_len - query_len + j."""
+    q_pos = torch.arange(key_len - query_len, key_len, device=device)
+    return torch.arange(key_len, device=device)[None, :] <= q_pos[:, None]
+
+
+def paged_attention_reference(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """The definition: per sequence, gather its context and apply causal softmax attention in fp32.
+
+    q (T, Hq, D) -> (T, Hq, D) in q.dtype. Grouped-query: query head h reads kv head h // (Hq // Hkv).
+    """
+    out = torch.empty_like(q)
+    group = q.shape[1] // k_cache.shape[2]
+    start = 0
+    for i, (q_len, ctx_len) in enumerate(zip(meta.query_lens, meta.context_lens)):
+        qi = q[start : start + q_len].float()  # (q_len, Hq, D)
+        ki = _gather_context(k_cache, meta.block_tables[i], ctx_len).float().repeat_interleave(group, dim=1)
+        vi = _gather_context(v_cache, meta.block_tables[i], ctx_len).float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", qi, ki) * scale  # (Hq, q_len, ctx_len)
+        mask = _bottom_right_causal_mask(q_len, ctx_len, q.device)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        out[start : start + q_len] = torch.einsum("hqk,khd->qhd", probs, vi).to(q.dtype)
+        start += q_len
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Same contract as `paged_attention_reference`, through torch SDPA.
+
+    Decodes are batched into one SDPA call over their gathered blocks (padded to the longest,
+    masked); each prefill chunk is one SDPA call with a bottom-right causal mask.
+    """
+    out = torch.empty_like(q)
+    nd = meta.num_decodes
+    if nd:
+        blocks = meta.block_tables[:nd, : meta.decode_mask.shape[-1] // k_cache.shape[1]]
+        k = k_cache[blocks].flatten(1, 2).transpose(1, 2)  # (nd, Hkv, L, D)
+        v = v_cache[blocks].flatten(1, 2).transpose(1, 2)
+        qd = q[:nd].unsqueeze(2)  # (nd, Hq, 1, D)
+        o = F.scaled_dot_product_attention(
+            qd, k.to(q.dtype), v.to(q.dtype), attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+        )
+        out[:nd] = o.squeeze(2)
+    start = nd
+    for i in range(nd, len(meta.query_lens)):
+        q_len, ctx_len = meta.query_lens[i], meta.context_lens[i]
+        k = _gather_context(k_cache, meta.block_tables[i], ctx_len).transpose(0, 1)  # (Hkv, ctx, D)
+        v = _gather_context(v_cache, meta.block_tables[i], ctx_len).transpose(0, 1)
+        qi = q[start : start + q_len].transpose(0, 1)  # (Hq, q_len, D)
+        if q_len == ctx_len:
+            o = F.scaled_dot_product_attention(
+                qi, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=scale, enable_gqa=True
+            )
+        else:
+            mask = _bottom_right_causal_mask(q_len, ctx_len, q.device)
+            o = F.scaled_dot_product_attention(
+                qi, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=True
+            )
+        out[start : start + q_len] = o.transpose(0, 1)
+        start += q_len
+    return out
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], scale: float) -> torch.Tensor:
+    """Dense causal attention within each packed sequence (training: no cache, autograd-safe).
+
+    q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens host list of N + 1 offsets -> (T, Hq, D).
+    """
+    outs = []
+    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        o = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1),
+            k[start:end].transpose(0, 1),
+            v[start:end].transpose(0, 1),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        )
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs, dim=0)

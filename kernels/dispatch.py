@@ -1,0 +1,59 @@
+"""Pick one implementation per op, once, by device (never by importability alone).
+
+flash-linear-attention installs on a CPU machine but every call fails there, and flash-attn
+is CUDA-only, so a fast path is chosen only when its package imports AND the device is CUDA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from kernels import attention, conv1d, gated_delta
+
+Mode = Literal["auto", "reference", "fast"]
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The chosen implementation of every op; the model holds one and calls through it."""
+
+    name: str
+    paged_attention: Callable
+    varlen_attention: Callable
+    causal_conv1d: Callable
+    causal_conv1d_update: Callable
+    chunk_gated_delta_rule: Callable
+    recurrent_gated_delta_rule: Callable
+
+
+def select_kernels(device: torch.device | str = "cpu", mode: Mode = "auto", dtype: torch.dtype = torch.bfloat16) -> Kernels:
+    """`reference`: the pure-torch definitions (slow, for tests); `fast`/`auto`: the fastest
+    implementation available on `device` for activations of `dtype`."""
+    device = torch.device(device)
+    if mode == "reference":
+        return Kernels(
+            name="reference",
+            paged_attention=attention.paged_attention_reference,
+            varlen_attention=attention.varlen_attention,
+            causal_conv1d=conv1d.naive_causal_conv1d,
+            causal_conv1d_update=conv1d.causal_conv1d_update,
+            chunk_gated_delta_rule=gated_delta.naive_gated_delta_rule,
+            recurrent_gated_delta_rule=gated_delta.recurrent_gated_delta_rule,
+        )
+    # flash-linear-attention's chunk kernel takes bf16/fp16 only.
+    use_fla = gated_delta.fla_available(device) and dtype in (torch.bfloat16, torch.float16)
+    return Kernels(
+        name=f"{device.type}{'+fla' if use_fla else ''}",
+        paged_attention=attention.paged_attention,
+        varlen_attention=attention.varlen_attention,
+        causal_conv1d=conv1d.causal_conv1d,
+        causal_conv1d_update=conv1d.causal_conv1d_update,
+        chunk_gated_delta_rule=gated_delta.fla_chunk_gated_delta_rule if use_fla else gated_delta.chunk_gated_delta_rule,
+        recurrent_gated_delta_rule=(
+            gated_delta.fla_recurrent_gated_delta_rule if use_fla else gated_delta.recurrent_gated_delta_rule
+        ),
+    )

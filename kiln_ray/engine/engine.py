@@ -1,0 +1,265 @@
+"""LLMEngine: add_request / step / abort over token ids. Plain Python + torch, one thread.
+
+    engine = LLMEngine.from_config(KilnConfig(model="/path/to/model"))
+    engine.add_request("r1", prompt_ids, SamplingParams(max_tokens=32))
+    while engine.has_unfinished():
+        for out in engine.step():        # RequestOutput increments: new tokens, finish reason
+            ...
+
+Sampling n > 1 prefills the prompt once: sequence 0 runs, and at its first sample every
+sibling samples from the same logits with its own generator and forks its KV blocks (the
+full ones shared, the partial last one copied) and, for hybrid models, its state slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kernels.dispatch import select_kernels
+from kiln_ray.config import EngineConfig, KilnConfig, torch_dtype
+from kiln_ray.engine.block_manager import BlockManager
+from kiln_ray.engine.request import Request, RequestOutput, RequestStatus
+from kiln_ray.engine.runner import ModelRunner, Sample
+from kiln_ray.engine.sampling_params import SamplingParams
+from kiln_ray.engine.scheduler import Scheduler
+from kiln_ray.engine.state_pool import StatePool
+from kiln_ray.model.causal_lm import CausalLM
+
+log = logging.getLogger(__name__)
+
+MAX_MODEL_LEN_CAP = 32768
+
+
+class EngineFullError(RuntimeError):
+    """The waiting queue is at `max_waiting_requests`; the caller should retry later."""
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    state_slots_used: int
+    state_slots_total: int
+    prefix_cache_hit_tokens: int
+    prefix_cache_queried_tokens: int
+    num_preemptions: int
+    steps: int
+    last_batch_tokens: int
+    last_batch_seqs: int
+
+
+class LLMEngine:
+    def __init__(self, model: CausalLM, config: EngineConfig, device: torch.device | str = "cpu"):
+        self.model = model
+        self.config = config
+        self.device = torch.device(device)
+        cfg = model.config
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, MAX_MODEL_LEN_CAP)
+        kv_dtype = torch_dtype(config.kv_cache_dtype, model.dtype)
+        num_blocks = self._num_kv_blocks(kv_dtype)
+        capacity = num_blocks * config.block_size
+        if capacity < self.max_model_len:
+            log.warning("KV cache holds %d tokens; lowering max_model_len from %d", capacity, self.max_model_len)
+            self.max_model_len = capacity
+        prefix_caching = config.enable_prefix_caching
+        if prefix_caching is None:
+            prefix_caching = not cfg.is_hybrid
+        if prefix_caching and cfg.is_hybrid:
+            raise ValueError("prefix caching is not supported for hybrid (linear-attention) models")
+        self.prefix_caching = prefix_caching
+        num_state_slots = config.max_num_seqs if cfg.is_hybrid else 0
+        self.block_manager = BlockManager(num_blocks, config.block_size, prefix_caching)
+        self.state_pool = StatePool(num_state_slots) if cfg.is_hybrid else None
+        self.scheduler = Scheduler(
+            self.block_manager, self.state_pool, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        self.runner = ModelRunner(model, num_blocks, config.block_size, kv_dtype, num_state_slots, self.device)
+        self.eos_token_ids = frozenset(cfg.eos_token_ids)
+        self.requests: dict[str, list[Request]] = {}  # request_id -> its sequences (siblings included)
+        self.num_steps = 0
+        self._last_batch = (0, 0)
+        log.info(
+            "engine: %d KV blocks x %d tokens (%s), max_model_len %d, max_num_seqs %d, prefix caching %s",
+            num_blocks,
+            config.block_size,
+            str(kv_dtype).removeprefix("torch."),
+            self.max_model_len,
+            config.max_num_seqs,
+            "on" if prefix_caching else "off",
+        )
+
+    @classmethod
+    def from_config(cls, config: KilnConfig, model_path: str | None = None) -> LLMEngine:
+        """Load the configured model (`model_path` overrides config.model) and build the engine."""
+        from kiln_ray.model.loader import load_model
+        from kiln_ray.model.registry import resolve_model_path
+
+        device = config.torch_device()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        path = model_path or resolve_model_path(config.model, config.home)
+        kernels = select_kernels(device, config.engine.kernels, config.torch_dtype())
+        model = load_model(path, config.torch_dtype(), device, kernels)
+        return cls(model, config.engine, device)
+
+    def _num_kv_blocks(self, kv_dtype: torch.dtype) -> int:
+        cfg, ec = self.model.config, self.config
+        if ec.num_kv_blocks is not None:
+            return ec.num_kv_blocks
+        per_block = max(cfg.kv_bytes_per_token(torch.finfo(kv_dtype).bits // 8), 1) * ec.block_size
+        budget = ec.kv_cache_bytes
+        if budget is None:
+            budget = int(_free_memory(self.device) * ec.kv_cache_memory_fraction)
+        # Never more than enough for every sequence at full length.
+        most = ec.max_num_seqs * -(-self.max_model_len // ec.block_size)
+        return max(1, min(budget // per_block, most))
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_key: str | None = None,
+    ) -> None:
+        """Queue a request. Raises ValueError for input the engine cannot serve and
+        EngineFullError when the waiting queue is full."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"context limit of {self.max_model_len} tokens"
+            )
+        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
+            raise EngineFullError(f"{len(self.scheduler.waiting)} requests are already waiting")
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        group = [
+            Request(request_id, prompt_token_ids, params, index=i, cache_key=cache_key, stop_token_ids=stop_ids)
+            for i in range(params.n)
+        ]
+        group[0].pending_siblings = group[1:]
+        self.requests[request_id] = group
+        self.scheduler.add(group[0])
+
+    def abort(self, request_id: str) -> bool:
+        """Stop every sequence of the request and free what they hold. False if unknown."""
+        group = self.requests.pop(request_id, None)
+        if group is None:
+            return False
+        for req in group:
+            if not req.status.finished:
+                self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward pass, sample; returns what changed for each sequence."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        samples = self.runner.execute(sched)
+        self.num_steps += 1
+        self._last_batch = (sched.num_batched_tokens, len(sched.sequences))
+        for s in sched.sequences:
+            s.request.num_computed_tokens += s.num_new_tokens
+        return self._process_samples(samples, [s.request for s in sched.sequences])
+
+    def _process_samples(self, samples: list[Sample], computed: list[Request]) -> list[RequestOutput]:
+        now = time.monotonic()
+        for req in computed:
+            self.block_manager.cache_full_blocks(req)
+        for sample in samples:
+            sample.request.token_ids.append(sample.token_id)
+            if sample.request.first_token_time is None:
+                sample.request.first_token_time = now
+        # Fork before any stop check can free the blocks the siblings share.
+        for sample in samples:
+            if sample.request.pending_siblings:
+                self._fork_siblings(sample.request)
+        return [self._output_for(s.request, [s]) for s in samples]
+
+    def _fork_siblings(self, parent: Request) -> None:
+        siblings, parent.pending_siblings = parent.pending_siblings, []
+        for child in siblings:
+            if not self.scheduler.try_fork(parent, child):
+                self.scheduler.waiting.appendleft(child)  # recompute it (prefix-cached where possible)
+
+    def _output_for(self, req: Request, samples: list[Sample]) -> RequestOutput:
+        finish = self._check_stop(req)
+        if finish is not None and not req.status.finished:
+            self.scheduler.finish(req, finish)
+            self._forget_if_done(req.request_id)
+        logprobs = [s.logprob for s in samples] if req.params.logprobs is not None else None
+        return RequestOutput(
+            request_id=req.request_id,
+            index=req.index,
+            new_token_ids=[s.token_id for s in samples],
+            finish_reason=finish.value if finish is not None else None,
+            logprobs=logprobs,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            num_output_tokens=req.num_output_tokens,
+        )
+
+    def _check_stop(self, req: Request) -> RequestStatus | None:
+        last = req.token_ids[-1]
+        if last in req.stop_token_ids and req.num_output_tokens >= req.params.min_tokens:
+            return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _forget_if_done(self, request_id: str) -> None:
+        group = self.requests.get(request_id)
+        if group is not None and all(r.status.finished for r in group):
+            del self.requests[request_id]
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        bm, sp = self.block_manager, self.state_pool
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_total=bm.num_blocks,
+            state_slots_used=sp.num_used if sp else 0,
+            state_slots_total=sp.num_slots if sp else 0,
+            prefix_cache_hit_tokens=bm.prefix_hit_tokens,
+            prefix_cache_queried_tokens=bm.prefix_queried_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            steps=self.num_steps,
+            last_batch_tokens=self._last_batch[0],
+            last_batch_seqs=self._last_batch[1],
+        )
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30

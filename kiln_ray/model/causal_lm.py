@@ -1,0 +1,87 @@
+"""CausalLM: one decoder-only implementation for every supported architecture.
+
+Each layer is [RMSNorm -> token mixer -> residual -> RMSNorm -> SwiGLU MLP -> residual] where
+the token mixer is full attention or Gated DeltaNet by the checkpoint's `layer_types`.
+The model maps a flat batch of tokens to hidden states; `compute_logits` projects only the
+rows the caller wants to sample, so prefill chunks never build [T, vocab] logits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.dispatch import Kernels
+from kiln_ray.model.attention import Attention
+from kiln_ray.model.config import ModelConfig
+from kiln_ray.model.context import ForwardContext
+from kiln_ray.model.gated_deltanet import GatedDeltaNet
+from kiln_ray.model.layers import MLP, Linear, RMSNorm, RotaryEmbedding
+
+log = logging.getLogger(__name__)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_type: str, kind_index: int, kernels: Kernels, dtype: torch.dtype):
+        super().__init__()
+        self.layer_type = layer_type
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if layer_type == "full_attention":
+            self.self_attn = Attention(cfg, kind_index, kernels, dtype)
+        else:
+            self.linear_attn = GatedDeltaNet(cfg, kind_index, kernels, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = self.input_layernorm(h)
+        if self.layer_type == "full_attention":
+            h = h + self.self_attn(x, cos, sin, ctx)
+        else:
+            h = h + self.linear_attn(x, ctx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.config = cfg
+        self.dtype = dtype
+        self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
+        counters = {"full_attention": 0, "linear_attention": 0}
+        layers = []
+        for layer_type in cfg.layer_types:
+            layers.append(DecoderLayer(cfg, layer_type, counters[layer_type], kernels, dtype))
+            counters[layer_type] += 1
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, (cfg.vocab_size,), False, dtype)
+        self.rotary = RotaryEmbedding(cfg.rope)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """input_ids, positions (T,) -> final hidden states (T, hidden) after the last norm."""
+        h = F.embedding(input_ids, self.embed_tokens)
+        cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, ctx)
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (N, hidden) -> logits (N, vocab) in float32."""
+        weight = self.embed_tokens if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Fill every parameter from (transformers name, tensor) pairs; fuses q/k/v, gate/up and
+        the Gated DeltaNet input projections. Raises if a parameter is left unfilled."""
+        from kiln_ray.model.weight_map import WeightMapper
+
+        mapper = WeightMapper(self)
+        for name, tensor in weights:
+            mapper.load(name, tensor)
+        mapper.finish()

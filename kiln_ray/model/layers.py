@@ -1,0 +1,106 @@
+"""Building blocks shared by every architecture: fused linear projections, RMSNorm, the MLP and
+rotary embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.norm import rms_norm
+from kiln_ray.model.config import RopeConfig
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), where W may be several projections stacked along its output rows.
+
+    `out_sizes` names the stacked parts in order (e.g. q, k, v), so the loader can fill each
+    part from its own checkpoint tensor and LoRA can add a delta to each part separately.
+    Base weights never require grad.
+    """
+
+    def __init__(self, in_features: int, out_sizes: tuple[int, ...], bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.in_features = in_features
+        self.out_sizes = out_sizes
+        self.weight = nn.Parameter(torch.empty(sum(out_sizes), in_features, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(sum(out_sizes), dtype=dtype), requires_grad=False) if bias else None
+
+    def part_rows(self, part: int) -> slice:
+        start = sum(self.out_sizes[:part])
+        return slice(start, start + self.out_sizes[part])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    """Weight kept in float32 (see kernels/norm.py); zero-centred norms are stored as 1 + w."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused into one matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = Linear(hidden_size, (intermediate_size, intermediate_size), False, dtype)
+        self.down_proj = Linear(intermediate_size, (hidden_size,), False, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE on the first `rotary_dim` dims of each head (partial rotary leaves the rest)."""
+
+    def __init__(self, rope: RopeConfig):
+        super().__init__()
+        self.rotary_dim = rope.rotary_dim
+        self.register_buffer("inv_freq", _inv_freq(rope), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) -> cos, sin (T, rotary_dim) in dtype, computed in float32."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, H, D); cos/sin (T, R) with R <= D: rotate the first R dims, pass the rest."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    out = x_rot * cos[:, None, :] + rotated * sin[:, None, :]
+    return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+
+
+def _inv_freq(rope: RopeConfig) -> torch.Tensor:
+    dim = rope.rotary_dim
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if rope.scaling_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.scaling_type == "llama3":
+        # Llama 3.1: long wavelengths are scaled by `factor`, short ones kept, a smooth ramp between.
+        old_len = rope.original_max_position or 8192
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
