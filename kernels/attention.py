@@ -36,7 +36,9 @@ class AttentionMetadata:
     context_lens_t: torch.Tensor  # (N,) int64
     block_tables: torch.Tensor  # (N, max_blocks) int64; entries past a sequence's blocks are 0
     slot_mapping: torch.Tensor  # (T,) int64, where each new token's K/V is written
-    # Decode fast path: key padding mask over the gathered blocks, True = attend.
+    # Decode fast path: the decodes' blocks gathered in one index_select, padded to the
+    # longest with block 0 and masked (True = attend).
+    decode_block_ids: torch.Tensor | None = None  # (num_decodes * max_decode_blocks,) int64
     decode_mask: torch.Tensor | None = None  # (num_decodes, 1, 1, max_decode_blocks * block_size)
 
     @classmethod
@@ -60,9 +62,10 @@ class AttentionMetadata:
         cu = torch.zeros(len(query_lens) + 1, dtype=torch.int64)
         cu[1:] = torch.tensor(query_lens, dtype=torch.int64).cumsum(0)
         ctx = torch.tensor(context_lens, dtype=torch.int64)
-        decode_mask = None
+        decode_block_ids = decode_mask = None
         if num_decodes:
-            max_dec_blocks = max(len(b) for b in block_tables[:num_decodes])
+            max_dec_blocks = max(-(-c // block_size) for c in context_lens[:num_decodes])
+            decode_block_ids = table[:num_decodes, :max_dec_blocks].reshape(-1).to(device)
             positions = torch.arange(max_dec_blocks * block_size)
             decode_mask = (positions[None, :] < ctx[:num_decodes, None])[:, None, None, :]
             decode_mask = decode_mask.to(device)
@@ -74,6 +77,7 @@ class AttentionMetadata:
             context_lens_t=ctx.to(device),
             block_tables=table.to(device),
             slot_mapping=slot_mapping,
+            decode_block_ids=decode_block_ids,
             decode_mask=decode_mask,
         )
 
@@ -91,7 +95,7 @@ def _gather_context(cache: torch.Tensor, blocks: torch.Tensor, context_len: int)
     """The first context_len cached positions of one sequence: (context_len, Hkv, D)."""
     block_size = cache.shape[1]
     num_blocks = (context_len + block_size - 1) // block_size
-    return cache[blocks[:num_blocks]].flatten(0, 1)[:context_len]
+    return cache.index_select(0, blocks[:num_blocks]).flatten(0, 1)[:context_len]
 
 
 def _bottom_right_causal_mask(query_len: int, key_len: int, device: torch.device) -> torch.Tensor:
@@ -126,22 +130,16 @@ def paged_attention_reference(
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """Same contract as `paged_attention_reference`, through torch SDPA.
+    """Same contract as `paged_attention_reference`.
 
-    Decodes are batched into one SDPA call over their gathered blocks (padded to the longest,
-    masked); each prefill chunk is one SDPA call with a bottom-right causal mask.
+    Decodes are batched: their blocks are gathered with one index_select (padded to the
+    longest context, masked) and attended with two batched matmuls, softmax in fp32. Each
+    prefill chunk is one SDPA call with a bottom-right causal mask.
     """
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        blocks = meta.block_tables[:nd, : meta.decode_mask.shape[-1] // k_cache.shape[1]]
-        k = k_cache[blocks].flatten(1, 2).transpose(1, 2)  # (nd, Hkv, L, D)
-        v = v_cache[blocks].flatten(1, 2).transpose(1, 2)
-        qd = q[:nd].unsqueeze(2)  # (nd, Hq, 1, D)
-        o = F.scaled_dot_product_attention(
-            qd, k.to(q.dtype), v.to(q.dtype), attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
-        )
-        out[:nd] = o.squeeze(2)
+        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale)
     start = nd
     for i in range(nd, len(meta.query_lens)):
         q_len, ctx_len = meta.query_lens[i], meta.context_lens[i]
@@ -160,6 +158,23 @@ def paged_attention(
         out[start : start + q_len] = o.transpose(0, 1)
         start += q_len
     return out
+
+
+def _decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q (nd, Hq, D) -> (nd, Hq, D); one query per sequence at the end of its context."""
+    nd, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    max_len = meta.decode_mask.shape[-1]
+    k = k_cache.index_select(0, meta.decode_block_ids).view(nd, max_len, num_kv_heads, head_dim)
+    v = v_cache.index_select(0, meta.decode_block_ids).view(nd, max_len, num_kv_heads, head_dim)
+    q = q.view(nd, num_kv_heads, group, head_dim).to(k.dtype)
+    scores = torch.einsum("bhgd,blhd->bhgl", q, k).float() * scale  # (nd, Hkv, G, L)
+    scores = scores.masked_fill(~meta.decode_mask, float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    return torch.einsum("bhgl,blhd->bhgd", probs, v).reshape(nd, num_heads, head_dim)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], scale: float) -> torch.Tensor:

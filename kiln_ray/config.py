@@ -39,6 +39,9 @@ class EngineConfig(_Frozen):
     max_waiting_requests: int = Field(256, ge=0, description="queue length past which new requests are refused")
     enable_prefix_caching: bool | None = Field(None, description="default: on, except for hybrid models")
     kernels: Literal["auto", "reference", "fast"] = "auto"
+    prepack_weights: bool = Field(
+        True, description="CPU bf16: keep oneDNN-packed copies of the projections (faster, +1x weight memory)"
+    )
 
 
 class KilnConfig(_Frozen):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.dispatch import select_kernels
+from kernels.linear import prepack_available
 from kiln_ray.config import EngineConfig, KilnConfig, torch_dtype
 from kiln_ray.engine.block_manager import BlockManager
 from kiln_ray.engine.request import Request, RequestOutput, RequestStatus
@@ -60,6 +61,8 @@ class LLMEngine:
         self.config = config
         self.device = torch.device(device)
         cfg = model.config
+        if config.prepack_weights and prepack_available(self.device, model.dtype):
+            model.prepack()
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, MAX_MODEL_LEN_CAP)
         kv_dtype = torch_dtype(config.kv_cache_dtype, model.dtype)
         num_blocks = self._num_kv_blocks(kv_dtype)
@@ -103,6 +106,8 @@ class LLMEngine:
         device = config.torch_device()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        # Strongly decaying linear-attention heads underflow into denormals, which are slow on CPU.
+        torch.set_flush_denormal(True)
         path = model_path or resolve_model_path(config.model, config.home)
         kernels = select_kernels(device, config.engine.kernels, config.torch_dtype())
         model = load_model(path, config.torch_dtype(), device, kernels)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.dispatch import Kernels
+from kernels.linear import linear, pack_weight
 from kiln_ray.model.attention import Attention
 from kiln_ray.model.config import ModelConfig
 from kiln_ray.model.context import ForwardContext
@@ -61,6 +62,16 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, (cfg.vocab_size,), False, dtype)
         self.rotary = RotaryEmbedding(cfg.rope)
+        self.packed_tied_head: torch.Tensor | None = None  # tied embeddings as the output head
+
+    def prepack(self) -> None:
+        """Pack every projection (and the output head) for fast no-grad forwards on CPU bf16;
+        costs the weights' size again in memory."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepack()
+        if self.lm_head is None:
+            self.packed_tied_head = pack_weight(self.embed_tokens)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids, positions (T,) -> final hidden states (T, hidden) after the last norm."""
@@ -72,8 +83,9 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, hidden) -> logits (N, vocab) in float32."""
-        weight = self.embed_tokens if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        return linear(hidden, self.embed_tokens, None, self.packed_tied_head).float()
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -45,6 +45,10 @@ class ForwardContext:
     attention: AttentionMetadata | None = None
     states: StateMetadata | None = None
     caches: LayerCaches | None = None
+    cu_seqlens_t: torch.Tensor = field(init=False)  # the same offsets as an int64 tensor
+
+    def __post_init__(self) -> None:
+        self.cu_seqlens_t = torch.tensor(self.cu_seqlens, dtype=torch.int64)
 
     @property
     def serving(self) -> bool:

@@ -74,7 +74,7 @@ class GatedDeltaNet(nn.Module):
 
     def _conv(self, mixed_qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         k = self.kernels
-        cu = torch.tensor(ctx.cu_seqlens, dtype=torch.int64)
+        cu = ctx.cu_seqlens_t
         if not ctx.serving:
             out, _ = k.causal_conv1d(mixed_qkv, self.conv_weight, cu, None)
             return out
@@ -93,7 +93,7 @@ class GatedDeltaNet(nn.Module):
     def _delta_rule(self, q, k, v, decay, beta, ctx: ForwardContext) -> torch.Tensor:
         kern = self.kernels
         scale = self.head_k_dim**-0.5
-        cu = torch.tensor(ctx.cu_seqlens, dtype=torch.int64)
+        cu = ctx.cu_seqlens_t
         if not ctx.serving:
             out, _ = kern.chunk_gated_delta_rule(q, k, v, decay, beta, cu, None, scale)
             return out

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.linear import linear, pack_weight
 from kernels.norm import rms_norm
 from kiln_ray.model.config import RopeConfig
 
@@ -18,7 +19,8 @@ class Linear(nn.Module):
 
     `out_sizes` names the stacked parts in order (e.g. q, k, v), so the loader can fill each
     part from its own checkpoint tensor and LoRA can add a delta to each part separately.
-    Base weights never require grad.
+    Base weights never require grad. After `prepack`, no-grad forwards use a packed copy
+    (kernels/linear.py); the weight stays the source of truth.
     """
 
     def __init__(self, in_features: int, out_sizes: tuple[int, ...], bias: bool, dtype: torch.dtype):
@@ -27,13 +29,18 @@ class Linear(nn.Module):
         self.out_sizes = out_sizes
         self.weight = nn.Parameter(torch.empty(sum(out_sizes), in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(sum(out_sizes), dtype=dtype), requires_grad=False) if bias else None
+        self.packed: torch.Tensor | None = None  # see `prepack`
+
+    def prepack(self) -> None:
+        """Keep a oneDNN-packed copy of the weight for no-grad forwards (CPU, bf16)."""
+        self.packed = pack_weight(self.weight)
 
     def part_rows(self, part: int) -> slice:
         start = sum(self.out_sizes[:part])
         return slice(start, start + self.out_sizes[part])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
 
 
 class RMSNorm(nn.Module):

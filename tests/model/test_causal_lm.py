@@ -12,6 +12,7 @@ from kernels.attention import AttentionMetadata
 from kernels.dispatch import select_kernels
 from kiln_ray.model.context import ForwardContext, LayerCaches, StateMetadata
 from kiln_ray.model.loader import load_model
+from tests.helpers import rel_rms
 from tests.model.tiny import ARCHITECTURES
 
 TOL = 1e-4
@@ -127,3 +128,26 @@ def test_chunked_prefill_and_decode_match_transformers(arch, kernels, tiny_model
         ours = torch.cat(got[i])
         assert ours.shape == ref.shape
         assert rel_max_err(ours, ref) < TOL, f"sequence {i} (length {len(sequences[i])})"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_5"])
+def test_prepacked_bf16_projections_match_plain_ones(arch, tiny_model_dirs, sequences):
+    from kernels.linear import prepack_available
+
+    if not prepack_available(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("oneDNN prepacking is not available in this torch build")
+    path, _ = tiny_model_dirs[arch]
+    plain = load_model(path, torch.bfloat16, "cpu")
+    packed = load_model(path, torch.bfloat16, "cpu")
+    packed.prepack()
+    ids = torch.cat(sequences)
+    pos = torch.cat([torch.arange(len(s)) for s in sequences])
+    ctx = ForwardContext.dense([len(s) for s in sequences])
+    with torch.no_grad():
+        a = plain.compute_logits(plain(ids, pos, ctx))
+        b = packed.compute_logits(packed(ids, pos, ForwardContext.dense([len(s) for s in sequences])))
+    assert rel_rms(b, a) < 1e-2
+    # With grad enabled (training) the packed copies are bypassed: exactly the plain path.
+    with torch.enable_grad():
+        c = packed.compute_logits(packed(ids, pos, ForwardContext.dense([len(s) for s in sequences])))
+    assert torch.equal(c, a)
