@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         EngineConfig(max_num_seqs=max(args.concurrency), kv_cache_bytes=2 << 30),
     )
     vocab = engine.model.config.vocab_size
-    total = len(args.concurrency) * (args.repeats + 1) * (1 if args.skip_transformers else 2)
+    total = len(args.concurrency) * (args.repeats + 1) * (1 if args.skip_transformers else 3)
     bar = tqdm(total=total, desc="bench", unit="run")
     for conc in args.concurrency:
         results = []
@@ -190,17 +190,24 @@ def main(argv=None) -> int:
     if not args.skip_transformers:
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-        pad = hf.config.eos_token_id if isinstance(hf.config.eos_token_id, int) else 0
+        # transformers gets its best attention implementation per concurrency (on this CPU,
+        # sdpa is faster for one stream, eager for batches: sdpa's masked CPU path is slow).
         for conc in args.concurrency:
-            results = []
-            for rep in range(args.repeats + 1):
-                ps = make_prompts(conc, args.prompt_tokens, vocab, seed=1000 * rep + conc)
-                r = run_transformers(hf, ps, args.new_tokens, model_name, args.dtype, pad)
-                if rep:
-                    results.append(r)
-                bar.update()
-            runs.append(median_run(results))
+            best = None
+            for impl in ("sdpa", "eager"):
+                hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=impl).eval()
+                pad = hf.config.eos_token_id if isinstance(hf.config.eos_token_id, int) else 0
+                results = []
+                for rep in range(args.repeats + 1):
+                    ps = make_prompts(conc, args.prompt_tokens, vocab, seed=1000 * rep + conc)
+                    r = run_transformers(hf, ps, args.new_tokens, model_name, args.dtype, pad)
+                    if rep:
+                        results.append(r)
+                    bar.update()
+                run = median_run(results)
+                if best is None or run.output_tok_s > best.output_tok_s:
+                    best = run
+            runs.append(best)
     bar.close()
 
     command = "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_ext
+
 
 @dataclass
 class AttentionMetadata:
@@ -82,13 +84,32 @@ class AttentionMetadata:
         )
 
 
-def write_kv(
+def write_kv_reference(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Write this step's keys/values (T, Hkv, D) into their cache slots. Mutates the caches."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """`write_kv_reference`, and on CPU without autograd one C call copies the rows (k and v
+    may be strided views of a fused projection, as long as each token's heads are contiguous)."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    fn = cpu_ext.function("cpu_ops", "write_kv", _WRITE_KV_ARGS) if cpu_ext.fast_path_ok(k, v, k_cache) else None
+    if (
+        fn is not None
+        and k.dtype == v.dtype == k_cache.dtype
+        and k.stride(1) == v.stride(1) == head_dim
+        and k.stride(2) == v.stride(2) == 1
+    ):
+        fn(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
+           k.shape[0], num_kv_heads * head_dim, k.stride(0), v.stride(0), k.element_size(), torch.get_num_threads())
+        return
+    write_kv_reference(k, v, k_cache, v_cache, slot_mapping)
 
 
 def _gather_context(cache: torch.Tensor, blocks: torch.Tensor, context_len: int) -> torch.Tensor:
@@ -128,7 +149,12 @@ def paged_attention_reference(
 
 
 def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    skip_decodes: bool = False,
 ) -> torch.Tensor:
     """Same contract as `paged_attention_reference`.
 
@@ -138,7 +164,7 @@ def paged_attention(
     """
     out = torch.empty_like(q)
     nd = meta.num_decodes
-    if nd:
+    if nd and not skip_decodes:
         out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale)
     start = nd
     for i in range(nd, len(meta.query_lens)):
@@ -175,6 +201,51 @@ def _decode_attention(
     scores = scores.masked_fill(~meta.decode_mask, float("-inf"))
     probs = scores.softmax(dim=-1).to(v.dtype)
     return torch.einsum("bhgl,blhd->bhgd", probs, v).reshape(nd, num_heads, head_dim)
+
+
+_ATTN_ARGS = (cpu_ext.P,) * 6 + (cpu_ext.I64,) * 6 + (cpu_ext.F32, cpu_ext.INT, cpu_ext.INT)
+_WRITE_KV_ARGS = (cpu_ext.P,) * 5 + (cpu_ext.I64,) * 5 + (cpu_ext.INT,)
+
+
+def _c_kernel():
+    return cpu_ext.function("paged_decode_attention", "paged_decode_attention", _ATTN_ARGS)
+
+
+def c_decode_available(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float32, torch.bfloat16) and _c_kernel() is not None
+
+
+def _c_decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """The decode part of `paged_attention` through the C kernel (csrc/paged_decode_attention.c):
+    reads each sequence's blocks in place, no gather."""
+    nd, num_heads, head_dim = q.shape
+    q = q.to(k_cache.dtype).contiguous()
+    out = torch.empty_like(q)
+    tables = meta.block_tables  # rows [0, nd) are the decodes; the kernel reads only those
+    ctx = meta.context_lens_t
+    rc = _c_kernel()(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), ctx.data_ptr(), out.data_ptr(),
+        nd, tables.shape[1], num_heads, k_cache.shape[2], head_dim, k_cache.shape[1],
+        scale, int(k_cache.dtype == torch.bfloat16), torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise RuntimeError("paged_decode_attention failed to start its threads")
+    return out
+
+
+def paged_attention_cpu(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """`paged_attention` with decodes through the C kernel (CPU, fp32/bf16 caches)."""
+    nd = meta.num_decodes
+    if nd == len(meta.query_lens):
+        return _c_decode_attention(q, k_cache, v_cache, meta, scale).to(q.dtype)
+    out = paged_attention(q, k_cache, v_cache, meta, scale, skip_decodes=nd > 0)
+    if nd:
+        out[:nd] = _c_decode_attention(q[:nd], k_cache, v_cache, meta, scale)
+    return out
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], scale: float) -> torch.Tensor:

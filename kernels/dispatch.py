@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from kernels import attention, conv1d, gated_delta
+from kernels import activation, attention, conv1d, gated_delta, norm, rotary
 
 Mode = Literal["auto", "reference", "fast"]
 
@@ -22,6 +22,10 @@ class Kernels:
     """The chosen implementation of every op; the model holds one and calls through it."""
 
     name: str
+    add_rms_norm: Callable
+    silu_and_mul: Callable
+    rotary: Callable
+    write_kv: Callable
     paged_attention: Callable
     varlen_attention: Callable
     causal_conv1d: Callable
@@ -37,6 +41,10 @@ def select_kernels(device: torch.device | str = "cpu", mode: Mode = "auto", dtyp
     if mode == "reference":
         return Kernels(
             name="reference",
+            add_rms_norm=norm.add_rms_norm,
+            silu_and_mul=activation.silu_and_mul,
+            rotary=rotary.rotary,
+            write_kv=attention.write_kv_reference,
             paged_attention=attention.paged_attention_reference,
             varlen_attention=attention.varlen_attention,
             causal_conv1d=conv1d.naive_causal_conv1d,
@@ -46,9 +54,16 @@ def select_kernels(device: torch.device | str = "cpu", mode: Mode = "auto", dtyp
         )
     # flash-linear-attention's chunk kernel takes bf16/fp16 only.
     use_fla = gated_delta.fla_available(device) and dtype in (torch.bfloat16, torch.float16)
+    # CPU: C kernels (kernels/csrc) for decode attention and the fused elementwise ops; each
+    # falls back to torch by itself under autograd or when it cannot be built.
+    use_c = device.type == "cpu" and attention.c_decode_available(dtype)
     return Kernels(
-        name=f"{device.type}{'+fla' if use_fla else ''}",
-        paged_attention=attention.paged_attention,
+        name=f"{device.type}{'+c' if use_c else ''}{'+fla' if use_fla else ''}",
+        add_rms_norm=norm.add_rms_norm_cpu if use_c else norm.add_rms_norm,
+        silu_and_mul=activation.silu_and_mul_cpu if use_c else activation.silu_and_mul,
+        rotary=rotary.rotary_cpu if use_c else rotary.rotary,
+        write_kv=attention.write_kv,
+        paged_attention=attention.paged_attention_cpu if use_c else attention.paged_attention,
         varlen_attention=attention.varlen_attention,
         causal_conv1d=conv1d.causal_conv1d,
         causal_conv1d_update=conv1d.causal_conv1d_update,

@@ -28,11 +28,10 @@ from kiln_ray.engine.runner import ModelRunner, Sample
 from kiln_ray.engine.sampling_params import SamplingParams
 from kiln_ray.engine.scheduler import Scheduler
 from kiln_ray.engine.state_pool import StatePool
-from kiln_ray.model.causal_lm import CausalLM
+from kiln_ray.model.causal_lm import MAX_POSITIONS, CausalLM
 
 log = logging.getLogger(__name__)
 
-MAX_MODEL_LEN_CAP = 32768
 
 
 class EngineFullError(RuntimeError):
@@ -63,7 +62,7 @@ class LLMEngine:
         cfg = model.config
         if config.prepack_weights and prepack_available(self.device, model.dtype):
             model.prepack()
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, MAX_MODEL_LEN_CAP)
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, MAX_POSITIONS)
         kv_dtype = torch_dtype(config.kv_cache_dtype, model.dtype)
         num_blocks = self._num_kv_blocks(kv_dtype)
         capacity = num_blocks * config.block_size

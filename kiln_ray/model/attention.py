@@ -6,11 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.attention import write_kv
 from kernels.dispatch import Kernels
 from kiln_ray.model.config import ModelConfig
 from kiln_ray.model.context import ForwardContext
-from kiln_ray.model.layers import Linear, RMSNorm, apply_rotary
+from kiln_ray.model.layers import Linear, RMSNorm
 
 
 class Attention(nn.Module):
@@ -34,9 +33,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         num_tokens = x.shape[0]
         parts = self.qkv_proj(x).split(self.qkv_proj.out_sizes, dim=-1)
         if self.gated:
@@ -48,11 +45,11 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.kernels.rotary(q, k, positions, rope_cache)
 
         if ctx.serving:
             k_cache, v_cache = ctx.caches.kv[self.cache_index]
-            write_kv(k, v, k_cache, v_cache, ctx.attention.slot_mapping)
+            self.kernels.write_kv(k, v, k_cache, v_cache, ctx.attention.slot_mapping)
             out = self.kernels.paged_attention(q, k_cache, v_cache, ctx.attention, self.scale)
         else:
             out = self.kernels.varlen_attention(q, k, v, ctx.cu_seqlens, self.scale)

@@ -25,6 +25,8 @@ from kiln_ray.model.layers import MLP, Linear, RMSNorm, RotaryEmbedding
 
 log = logging.getLogger(__name__)
 
+MAX_POSITIONS = 32768  # rows of the rotary table; also the engine's context cap
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_type: str, kind_index: int, kernels: Kernels, dtype: torch.dtype):
@@ -36,15 +38,22 @@ class DecoderLayer(nn.Module):
         else:
             self.linear_attn = GatedDeltaNet(cfg, kind_index, kernels, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, kernels, dtype)
+        self.kernels = kernels
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = self.input_layernorm(h)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, rope: torch.Tensor, ctx: ForwardContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) -> (x, residual): the residual stream is carried un-added, so each
+        residual add fuses with the norm that follows it (and may reuse x's storage)."""
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        x, residual = self.kernels.add_rms_norm(x, residual, norm1.weight, norm1.eps)
         if self.layer_type == "full_attention":
-            h = h + self.self_attn(x, cos, sin, ctx)
+            x = self.self_attn(x, positions, rope, ctx)
         else:
-            h = h + self.linear_attn(x, ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+            x = self.linear_attn(x, ctx)
+        x, residual = self.kernels.add_rms_norm(x, residual, norm2.weight, norm2.eps)
+        return self.mlp(x), residual
 
 
 class CausalLM(nn.Module):
@@ -61,7 +70,8 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, (cfg.vocab_size,), False, dtype)
-        self.rotary = RotaryEmbedding(cfg.rope)
+        self.rotary = RotaryEmbedding(cfg.rope, min(cfg.max_position_embeddings, MAX_POSITIONS))
+        self.kernels = kernels
         self.packed_tied_head: torch.Tensor | None = None  # tied embeddings as the output head
 
     def prepack(self) -> None:
@@ -75,11 +85,11 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids, positions (T,) -> final hidden states (T, hidden) after the last norm."""
-        h = F.embedding(input_ids, self.embed_tokens)
-        cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        x, residual = F.embedding(input_ids, self.embed_tokens), None
         for layer in self.layers:
-            h = layer(h, cos, sin, ctx)
-        return self.norm(h)
+            x, residual = layer(x, residual, positions, self.rotary.cos_sin, ctx)
+        x, _ = self.kernels.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, hidden) -> logits (N, vocab) in float32."""

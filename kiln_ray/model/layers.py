@@ -1,16 +1,17 @@
 """Building blocks shared by every architecture: fused linear projections, RMSNorm, the MLP and
-rotary embeddings."""
+the rotary embedding table."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kernels.dispatch import Kernels
 from kernels.linear import linear, pack_weight
 from kernels.norm import rms_norm
+from kernels.rotary import cos_sin_cache
 from kiln_ray.model.config import RopeConfig
 
 
@@ -58,40 +59,24 @@ class RMSNorm(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused into one matmul."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype):
+    def __init__(self, hidden_size: int, intermediate_size: int, kernels: Kernels, dtype: torch.dtype):
         super().__init__()
-        self.intermediate_size = intermediate_size
+        self.kernels = kernels
         self.gate_up_proj = Linear(hidden_size, (intermediate_size, intermediate_size), False, dtype)
         self.down_proj = Linear(intermediate_size, (hidden_size,), False, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE on the first `rotary_dim` dims of each head (partial rotary leaves the rest)."""
+    """Rotate-half RoPE on the first `rotary_dim` dims of each head (partial rotary leaves the
+    rest), from a float32 cos/sin table of `max_positions` rows built once."""
 
-    def __init__(self, rope: RopeConfig):
+    def __init__(self, rope: RopeConfig, max_positions: int):
         super().__init__()
         self.rotary_dim = rope.rotary_dim
-        self.register_buffer("inv_freq", _inv_freq(rope), persistent=False)
-
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (T,) -> cos, sin (T, rotary_dim) in dtype, computed in float32."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, H, D); cos/sin (T, R) with R <= D: rotate the first R dims, pass the rest."""
-    rot = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    half = rot // 2
-    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-    out = x_rot * cos[:, None, :] + rotated * sin[:, None, :]
-    return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+        self.register_buffer("cos_sin", cos_sin_cache(_inv_freq(rope), max_positions), persistent=False)
 
 
 def _inv_freq(rope: RopeConfig) -> torch.Tensor:

@@ -87,3 +87,28 @@ def test_varlen_attention_keeps_sequences_apart():
         alone = varlen_attention(q[start:start + n], k[start:start + n], v[start:start + n], [0, n], 8**-0.5)
         assert torch.allclose(out[start:start + n], alone)
         start += n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads", HEADS + [(16, 4, 128), (4, 4, 48)], ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}-D{h[2]}")
+@pytest.mark.parametrize("layout", LAYOUTS.keys())
+def test_c_decode_kernel_matches_reference(layout, heads, dtype):
+    from kernels.attention import c_decode_available, paged_attention_cpu
+
+    if not c_decode_available(dtype):
+        pytest.skip("no C compiler: the CPU decode kernel falls back to torch")
+    query_lens, context_lens = LAYOUTS[layout]
+    num_heads, num_kv_heads, head_dim = heads
+    k_cache, v_cache, meta = build(query_lens, context_lens, num_kv_heads, head_dim, 16, dtype, seed=3)
+    q = torch.randn(sum(query_lens), num_heads, head_dim).to(dtype)
+    expected = paged_attention_reference(q, k_cache, v_cache, meta, head_dim**-0.5)
+    actual = paged_attention_cpu(q, k_cache, v_cache, meta, head_dim**-0.5)
+    assert rel_rms(actual, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_c_decode_kernel_is_built_on_this_machine():
+    """CI runs where a C compiler exists; if the build breaks, this fails instead of the
+    engine silently falling back to the slower torch path."""
+    from kernels.attention import c_decode_available
+
+    assert c_decode_available(torch.bfloat16)

@@ -131,23 +131,40 @@ def test_chunked_prefill_and_decode_match_transformers(arch, kernels, tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_5"])
-def test_prepacked_bf16_projections_match_plain_ones(arch, tiny_model_dirs, sequences):
+def test_bf16_paths_stay_close_to_fp32(arch, tiny_model_dirs, sequences, monkeypatch):
+    """bf16 with plain projections, with oneDNN-packed ones, and under autograd (which must
+    bypass the packed copies) are no further from the fp32 logits than transformers' own
+    bf16 run is (tiny random models amplify bf16 rounding to a few percent)."""
     from kernels.linear import prepack_available
 
     if not prepack_available(torch.device("cpu"), torch.bfloat16):
         pytest.skip("oneDNN prepacking is not available in this torch build")
-    path, _ = tiny_model_dirs[arch]
-    plain = load_model(path, torch.bfloat16, "cpu")
-    packed = load_model(path, torch.bfloat16, "cpu")
-    packed.prepack()
+    path, hf = tiny_model_dirs[arch]
     ids = torch.cat(sequences)
     pos = torch.cat([torch.arange(len(s)) for s in sequences])
-    ctx = ForwardContext.dense([len(s) for s in sequences])
+    import copy
+
+    hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
     with torch.no_grad():
-        a = plain.compute_logits(plain(ids, pos, ctx))
-        b = packed.compute_logits(packed(ids, pos, ForwardContext.dense([len(s) for s in sequences])))
-    assert rel_rms(b, a) < 1e-2
-    # With grad enabled (training) the packed copies are bypassed: exactly the plain path.
+        hf_logits = torch.cat([hf_bf16(s[None]).logits[0].float() for s in sequences])
+
+    def logits(model):
+        return model.compute_logits(model(ids, pos, ForwardContext.dense([len(s) for s in sequences])))
+
+    with torch.no_grad():
+        fp32 = logits(load_model(path, torch.float32, "cpu"))
+        plain = logits(load_model(path, torch.bfloat16, "cpu"))
+        packed_model = load_model(path, torch.bfloat16, "cpu")
+        packed_model.prepack()
+        packed = logits(packed_model)
+    import kernels.linear
+
+    def no_packed(*args):
+        raise AssertionError("packed weights used under autograd")
+
+    monkeypatch.setattr(kernels.linear, "packed_linear", no_packed)
     with torch.enable_grad():
-        c = packed.compute_logits(packed(ids, pos, ForwardContext.dense([len(s) for s in sequences])))
-    assert torch.equal(c, a)
+        grad_mode = logits(packed_model)
+    budget = 1.25 * rel_rms(hf_logits, fp32)
+    for name, out in (("plain", plain), ("packed", packed), ("autograd", grad_mode)):
+        assert rel_rms(out, fp32) < budget, name

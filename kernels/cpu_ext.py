@@ -1,0 +1,79 @@
+"""Small C kernels for the CPU, built once with the system C compiler and loaded with ctypes.
+
+No torch headers are involved (a torch C++ extension takes ~40 s to build; these take ~1 s):
+the C functions take raw pointers to contiguous tensors. The shared object is cached under
+the system temp dir, keyed by the source's hash and the compiler flags, and rebuilt when
+either changes. If no compiler is available the callers fall back to pure torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).parent / "csrc"
+# -fopenmp links libgomp.so.1: the torch CPU wheel ships and loads a libgomp with that soname,
+# so the kernels share torch's OpenMP thread pool rather than competing with it.
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-fopenmp"]
+
+
+@functools.cache
+def load(name: str) -> ctypes.CDLL | None:
+    """Build (if needed) and load csrc/<name>.c; None when it cannot be built here."""
+    source = CSRC / f"{name}.c"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler found: %s falls back to pure torch", name)
+        return None
+    digest = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    build_dir = Path(tempfile.gettempdir()) / f"kiln-ray-kernels-{os.getuid()}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    lib = build_dir / f"{name}-{digest}.so"
+    if not lib.exists():
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        result = subprocess.run([compiler, *CFLAGS, str(source), "-o", str(tmp), "-lm"], capture_output=True, text=True)
+        if result.returncode != 0:
+            log.warning("building %s failed, falling back to pure torch:\n%s", name, result.stderr[-2000:])
+            return None
+        os.replace(tmp, lib)  # atomic: concurrent builders never load a half-written file
+    import torch  # noqa: F401  (load torch's OpenMP runtime first, so the kernel binds to it)
+
+    return ctypes.CDLL(str(lib))
+
+
+@functools.cache
+def function(lib_name: str, fn_name: str, argtypes: tuple) -> ctypes._CFuncPtr | None:
+    """A typed function of csrc/<lib_name>.c, or None when that library cannot be built here."""
+    lib = load(lib_name)
+    if lib is None:
+        return None
+    fn = getattr(lib, fn_name)
+    fn.argtypes = list(argtypes)
+    fn.restype = ctypes.c_int if fn_name == "paged_decode_attention" else None
+    return fn
+
+
+P, I64, F32, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+
+
+def ptr(t) -> int | None:
+    """Address of a tensor's data (None for an absent tensor)."""
+    return None if t is None else t.data_ptr()
+
+
+def fast_path_ok(*tensors) -> bool:
+    """The C ops run only without autograd, on CPU, for float32 / bf16 storage."""
+    import torch
+
+    if torch.is_grad_enabled():
+        return False
+    return all(t is None or (t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)) for t in tensors)

@@ -1,0 +1,127 @@
+/*
+ * Fused elementwise ops for the CPU decode path. Each replaces several small torch ops (each
+ * of which costs ~5-10 us of dispatch on its own), and works in place where the caller no
+ * longer needs its input. float32 math; `is_bf16` selects bf16 or float32 storage.
+ * Rows may be strided (a view into a fused projection): `stride` is in elements.
+ * Parallel over rows with OpenMP (torch's runtime, see cpu_ext.py).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t u = ((uint32_t)x) << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+#define LD(p, i) (is_bf16 ? bf16_to_f32(((const uint16_t *)(p))[i]) : ((const float *)(p))[i])
+#define ST(p, i, v)                                              \
+    do {                                                         \
+        if (is_bf16) ((uint16_t *)(p))[i] = f32_to_bf16(v);      \
+        else ((float *)(p))[i] = (v);                            \
+    } while (0)
+#define ROUND(v) (is_bf16 ? bf16_to_f32(f32_to_bf16(v)) : (v))
+
+/* With a residual: residual += x (rounded to storage), out = rms_norm(residual) * weight.
+   Without: out = rms_norm(x) * weight. x rows are `stride` apart; residual and out are
+   contiguous (rows, dim) and out may alias a contiguous x. weight is float32. */
+static inline __attribute__((always_inline)) void add_rms_norm_impl(const void *x, void *residual, void *out,
+                                                                    const float *w, int64_t rows, int64_t dim,
+                                                                    int64_t stride, float eps, int threads,
+                                                                    const int is_bf16) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float sumsq = 0.f;
+        if (residual) {
+            for (int64_t i = 0; i < dim; i++) {
+                const float h = ROUND(LD(x, r * stride + i) + LD(residual, r * dim + i));
+                ST(residual, r * dim + i, h);
+                sumsq += h * h;
+            }
+        } else {
+            for (int64_t i = 0; i < dim; i++) {
+                const float h = LD(x, r * stride + i);
+                sumsq += h * h;
+            }
+        }
+        const float inv = 1.f / sqrtf(sumsq / (float)dim + eps);
+        if (residual)
+            for (int64_t i = 0; i < dim; i++) ST(out, r * dim + i, LD(residual, r * dim + i) * inv * w[i]);
+        else
+            for (int64_t i = 0; i < dim; i++) ST(out, r * dim + i, LD(x, r * stride + i) * inv * w[i]);
+    }
+}
+
+void add_rms_norm(const void *x, void *residual, void *out, const float *w, int64_t rows, int64_t dim, int64_t stride,
+                  float eps, int is_bf16, int threads) {
+    if (is_bf16) add_rms_norm_impl(x, residual, out, w, rows, dim, stride, eps, threads, 1);
+    else add_rms_norm_impl(x, residual, out, w, rows, dim, stride, eps, threads, 0);
+}
+
+/* out[r, :] = silu(gate_up[r, :inter]) * gate_up[r, inter:] */
+static inline __attribute__((always_inline)) void silu_mul_impl(const void *gu, void *out, int64_t rows, int64_t inter,
+                                                                int threads, const int is_bf16) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < inter; i++) {
+            const float g = LD(gu, r * 2 * inter + i), u = LD(gu, r * 2 * inter + inter + i);
+            ST(out, r * inter + i, g / (1.f + expf(-g)) * u);
+        }
+    }
+}
+
+void silu_mul(const void *gu, void *out, int64_t rows, int64_t inter, int is_bf16, int threads) {
+    if (is_bf16) silu_mul_impl(gu, out, rows, inter, threads, 1);
+    else silu_mul_impl(gu, out, rows, inter, threads, 0);
+}
+
+/* Rotate-half RoPE in place on the first `rot` dims of every head of q and k.
+   cos_sin: (max_positions, rot) float32 rows of [cos(p f_0..f_{rot/2-1}) | sin(...)]. The
+   cos/sin factors are rounded to storage first, as the torch reference does. */
+static inline __attribute__((always_inline)) void rope_impl(void *q, void *k, const int64_t *positions,
+                                                            const float *cos_sin, int64_t tokens, int64_t hq,
+                                                            int64_t hk, int64_t head_dim, int64_t rot, int64_t stride_q,
+                                                            int64_t stride_k, int threads, const int is_bf16) {
+    const int64_t half = rot / 2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *cs = cos_sin + positions[t] * rot;
+        for (int64_t h = 0; h < hq + hk; h++) {
+            void *base = h < hq ? q : k;
+            const int64_t off = h < hq ? t * stride_q + h * head_dim : t * stride_k + (h - hq) * head_dim;
+            for (int64_t i = 0; i < half; i++) {
+                const float c = ROUND(cs[i]), s = ROUND(cs[half + i]);
+                const float x1 = LD(base, off + i), x2 = LD(base, off + half + i);
+                ST(base, off + i, x1 * c - x2 * s);
+                ST(base, off + half + i, x2 * c + x1 * s);
+            }
+        }
+    }
+}
+
+void rope(void *q, void *k, const int64_t *positions, const float *cos_sin, int64_t tokens, int64_t hq, int64_t hk,
+          int64_t head_dim, int64_t rot, int64_t stride_q, int64_t stride_k, int is_bf16, int threads) {
+    if (is_bf16) rope_impl(q, k, positions, cos_sin, tokens, hq, hk, head_dim, rot, stride_q, stride_k, threads, 1);
+    else rope_impl(q, k, positions, cos_sin, tokens, hq, hk, head_dim, rot, stride_q, stride_k, threads, 0);
+}
+
+/* k_cache/v_cache rows at `slots` = this step's k/v rows (same dtype, rows of hk*head_dim). */
+void write_kv(const void *k, const void *v, void *k_cache, void *v_cache, const int64_t *slots, int64_t tokens,
+              int64_t width, int64_t stride_k, int64_t stride_v, int64_t elem_size, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (tokens > 64)
+    for (int64_t t = 0; t < tokens; t++) {
+        memcpy((char *)k_cache + slots[t] * width * elem_size, (const char *)k + t * stride_k * elem_size,
+               (size_t)(width * elem_size));
+        memcpy((char *)v_cache + slots[t] * width * elem_size, (const char *)v + t * stride_v * elem_size,
+               (size_t)(width * elem_size));
+    }
+}
