@@ -1,0 +1,98 @@
+"""From engine outputs (token ids) to what a client sees, per choice: text deltas with stop
+strings applied, tool calls, logprobs, finish reasons and token counts.
+
+One `ChoiceText` per sequence of a request. The engine keeps generating a sequence until EOS,
+a stop token or max_tokens; a stop *string* ends the choice here, and the caller aborts the
+engine request once every choice of it has ended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kiln_ray.api.chat import IncrementalDetokenizer, StopMatcher, ToolCall, ToolCallStreamParser
+from kiln_ray.engine.request import RequestOutput, TokenLogprob
+
+
+@dataclass(frozen=True)
+class LogprobEntry:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+
+
+@dataclass
+class Delta:
+    """What one engine increment changed in one choice."""
+
+    index: int
+    text: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[LogprobEntry] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class ChoiceText:
+    def __init__(self, tokenizer, index: int, stops: list[str], parse_tools: bool, skip_special_tokens: bool):
+        self.tokenizer = tokenizer
+        self.index = index
+        self.detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
+        self.stops = StopMatcher(stops)
+        self.tools = ToolCallStreamParser() if parse_tools else None
+        self.text = ""
+        self.tool_calls: list[ToolCall] = []
+        self.logprobs: list[LogprobEntry] = []
+        self.finish_reason: str | None = None
+        self.num_tokens = 0
+        self.num_prompt_tokens = 0
+        self.num_cached_tokens = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def feed(self, out: RequestOutput) -> Delta:
+        """Take one increment of this choice's sequence. After the choice finished (a stop
+        string), further increments change nothing."""
+        delta = Delta(self.index)
+        if self.finished:
+            return delta
+        self.num_tokens = out.num_output_tokens
+        self.num_prompt_tokens = out.num_prompt_tokens
+        self.num_cached_tokens = out.num_cached_tokens
+        if out.logprobs:
+            delta.logprobs = [self._logprob_entry(lp) for lp in out.logprobs]
+            self.logprobs.extend(delta.logprobs)
+        text, stopped = self.stops.push(self.detokenizer.push(out.new_token_ids))
+        if out.finished and not stopped:
+            tail, stopped_at_end = self.stops.push(self.detokenizer.flush())
+            text += tail
+            if not stopped_at_end:
+                text += self.stops.flush()
+            stopped = stopped_at_end
+        self._emit(delta, text, final=out.finished or stopped)
+        if stopped:
+            delta.finish_reason = "stop"
+        elif out.finished:
+            delta.finish_reason = "length" if out.finish_reason == "length" else "stop"
+        if delta.finish_reason == "stop" and self.tool_calls:
+            delta.finish_reason = "tool_calls"
+        self.finish_reason = delta.finish_reason
+        return delta
+
+    def _emit(self, delta: Delta, text: str, final: bool) -> None:
+        if self.tools is None:
+            delta.text = text
+        else:
+            pieces = self.tools.push(text) + (self.tools.flush() if final else [])
+            for piece in pieces:
+                if isinstance(piece, ToolCall):
+                    delta.tool_calls.append(piece)
+                else:
+                    delta.text += piece
+            self.tool_calls.extend(delta.tool_calls)
+        self.text += delta.text
+
+    def _logprob_entry(self, lp: TokenLogprob) -> LogprobEntry:
+        decode = self.tokenizer.decode
+        return LogprobEntry(decode([lp.token_id]), lp.logprob, tuple((decode([t]), v) for t, v in lp.top))
