@@ -23,28 +23,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pre-norm residual stream: residual = x + residual (x alone if None), then
-    returns (rms_norm(residual), residual). The reference: new tensors, autograd-safe."""
-    residual = x if residual is None else x + residual
-    return rms_norm(residual, weight, eps), residual
+    """The pre-norm residual stream, kept in float32: residual = residual + x (x may be None),
+    returns (rms_norm(residual) in `dtype`, residual). The reference: new tensors,
+    autograd-safe. residual (T, D) float32; x (T, D) in any float dtype."""
+    if x is not None:
+        residual = residual + x.float()
+    return rms_norm(residual, weight, eps).to(dtype), residual
 
 
 def add_rms_norm_cpu(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`add_rms_norm` in one C pass, in place: the residual is updated and x is overwritten
-    with the normalised values (the caller must not need x afterwards). Falls back to the
-    reference under autograd or for other layouts/dtypes. x: (T, D) contiguous."""
+    """`add_rms_norm` in one C pass, in place: the residual is updated and the normalised
+    values overwrite x (the caller must not need x afterwards; a new tensor when x is None).
+    Falls back to the reference under autograd or for other layouts/dtypes."""
     fn = cpu_ext.function("cpu_ops", "add_rms_norm", _ADD_RMS_NORM_ARGS) if cpu_ext.fast_path_ok(x, residual) else None
-    if fn is None or x.dim() != 2 or not x.is_contiguous() or (residual is not None and residual.dtype != x.dtype):
-        return add_rms_norm(x, residual, weight, eps)
-    rows, dim = x.shape
-    out = x if residual is not None else torch.empty_like(x)
-    fn(x.data_ptr(), cpu_ext.ptr(residual), out.data_ptr(), weight.data_ptr(), rows, dim, dim, eps,
-       int(x.dtype == torch.bfloat16), torch.get_num_threads())
-    return out, (x if residual is None else residual)
+    if (
+        fn is None
+        or residual.dtype != torch.float32
+        or not residual.is_contiguous()
+        or (x is not None and (x.dtype != dtype or x.shape != residual.shape or not x.is_contiguous()))
+    ):
+        return add_rms_norm(x, residual, weight, eps, dtype)
+    rows, dim = residual.shape
+    out = x if x is not None else torch.empty((rows, dim), dtype=dtype)
+    fn(cpu_ext.ptr(x), residual.data_ptr(), out.data_ptr(), weight.data_ptr(), rows, dim, dim, eps,
+       int(dtype == torch.bfloat16), torch.get_num_threads())
+    return out, residual
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

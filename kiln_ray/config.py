@@ -36,12 +36,28 @@ class EngineConfig(_Frozen):
     max_num_seqs: int = Field(64, ge=1, description="sequences in one step at most")
     max_num_batched_tokens: int = Field(512, ge=1, description="token budget of one step (prefill chunk size)")
     max_model_len: int | None = Field(None, ge=1, description="context limit; default: the model's, capped at 32768")
-    max_waiting_requests: int = Field(256, ge=0, description="queue length past which new requests are refused")
+    max_waiting_requests: int = Field(256, ge=0, description="sequences that may wait beyond max_num_seqs; more are refused (HTTP 429)")
     enable_prefix_caching: bool | None = Field(None, description="default: on, except for hybrid models")
     kernels: Literal["auto", "reference", "fast"] = "auto"
     prepack_weights: bool = Field(
         True, description="CPU bf16: keep oneDNN-packed copies of the projections (faster, +1x weight memory)"
     )
+
+
+class DeployConfig(_Frozen):
+    """How the Serve app is laid out on the cluster (CPU shares matter on small machines: a
+    replica takes one whole CPU unless told otherwise)."""
+
+    ingress_replicas: int = Field(1, ge=1)
+    ingress_cpus: float = Field(0.25, gt=0, description="CPUs reserved per ingress replica")
+    engine_replicas: int = Field(1, ge=1, description="one per device")
+    engine_cpus: float = Field(1.0, gt=0, description="CPUs reserved for the engine in its bundle")
+    trainer_cpus: float = Field(0.5, ge=0, description="CPUs reserved beside it for the trainer actor")
+    engine_gpu_fraction: float = Field(0.7, gt=0, le=1, description="on a GPU: the engine's share of the device")
+    ingress_max_ongoing_requests: int = Field(512, ge=1)
+    engine_max_ongoing_requests: int = Field(1024, ge=1)
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
 
 
 class KilnConfig(_Frozen):
@@ -52,9 +68,11 @@ class KilnConfig(_Frozen):
         default_factory=lambda: os.environ.get("KILN_HOME", str(Path.home() / ".cache" / "kiln-ray")),
         description="cache directory (converted models, adapters)",
     )
-    seed: int = 0
+    served_model_name: str | None = Field(None, description="the model id clients use; default: the model's name")
     num_threads: int | None = Field(None, ge=1, description="torch threads of the engine (default: all cores)")
+    request_timeout_s: float = Field(600.0, gt=0, description="a generation request fails with 504 after this")
     engine: EngineConfig = EngineConfig()
+    deploy: DeployConfig = DeployConfig()
 
     def torch_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.dtype == "auto" else _TORCH_DTYPES[self.dtype]

@@ -52,29 +52,33 @@ DEFINITIONS = (
 class Metrics:
     """Record by name: `metrics.inc("kiln_requests_total", route="/v1/chat/completions", status="200")`."""
 
-    def __init__(self, ray_metrics: ModuleType | None = None, registry: prom.CollectorRegistry | None = None):
-        self.registry = registry or prom.CollectorRegistry()
+    def __init__(self, ray_metrics: ModuleType | None = None, prometheus: bool = True):
+        self.registry = prom.CollectorRegistry()
         self._prom: dict[str, Any] = {}
         self._ray: dict[str, Any] = {}
         for d in DEFINITIONS:
-            self._prom[d.name] = _prometheus_metric(d, self.registry)
+            if prometheus:
+                self._prom[d.name] = _prometheus_metric(d, self.registry)
             if ray_metrics is not None:
                 self._ray[d.name] = _ray_metric(d, ray_metrics)
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         if amount <= 0:
             return
-        _labelled(self._prom[name], labels).inc(amount)
+        if name in self._prom:
+            _labelled(self._prom[name], labels).inc(amount)
         if name in self._ray:
             self._ray[name].inc(amount, tags=labels or None)
 
     def set(self, name: str, value: float, **labels: str) -> None:
-        _labelled(self._prom[name], labels).set(value)
+        if name in self._prom:
+            _labelled(self._prom[name], labels).set(value)
         if name in self._ray:
             self._ray[name].set(value, tags=labels or None)
 
     def observe(self, name: str, value: float, **labels: str) -> None:
-        _labelled(self._prom[name], labels).observe(value)
+        if name in self._prom:
+            _labelled(self._prom[name], labels).observe(value)
         if name in self._ray:
             self._ray[name].observe(value, tags=labels or None)
 

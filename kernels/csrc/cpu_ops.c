@@ -31,37 +31,29 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     } while (0)
 #define ROUND(v) (is_bf16 ? bf16_to_f32(f32_to_bf16(v)) : (v))
 
-/* With a residual: residual += x (rounded to storage), out = rms_norm(residual) * weight.
-   Without: out = rms_norm(x) * weight. x rows are `stride` apart; residual and out are
-   contiguous (rows, dim) and out may alias a contiguous x. weight is float32. */
-static inline __attribute__((always_inline)) void add_rms_norm_impl(const void *x, void *residual, void *out,
+/* The residual stream is float32 (massive activations of a few channels reach ~1e4, where
+   bf16 keeps 3 significant digits): residual += x (if x is non-NULL), then
+   out = rms_norm(residual) * weight, rounded to storage. x rows are `stride` apart; residual
+   and out are contiguous (rows, dim); out may alias a contiguous x. weight is float32. */
+static inline __attribute__((always_inline)) void add_rms_norm_impl(const void *x, float *residual, void *out,
                                                                     const float *w, int64_t rows, int64_t dim,
                                                                     int64_t stride, float eps, int threads,
                                                                     const int is_bf16) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
+        float *res = residual + r * dim;
         float sumsq = 0.f;
-        if (residual) {
-            for (int64_t i = 0; i < dim; i++) {
-                const float h = ROUND(LD(x, r * stride + i) + LD(residual, r * dim + i));
-                ST(residual, r * dim + i, h);
-                sumsq += h * h;
-            }
-        } else {
-            for (int64_t i = 0; i < dim; i++) {
-                const float h = LD(x, r * stride + i);
-                sumsq += h * h;
-            }
+        for (int64_t i = 0; i < dim; i++) {
+            const float h = x ? res[i] + LD(x, r * stride + i) : res[i];
+            res[i] = h;
+            sumsq += h * h;
         }
         const float inv = 1.f / sqrtf(sumsq / (float)dim + eps);
-        if (residual)
-            for (int64_t i = 0; i < dim; i++) ST(out, r * dim + i, LD(residual, r * dim + i) * inv * w[i]);
-        else
-            for (int64_t i = 0; i < dim; i++) ST(out, r * dim + i, LD(x, r * stride + i) * inv * w[i]);
+        for (int64_t i = 0; i < dim; i++) ST(out, r * dim + i, res[i] * inv * w[i]);
     }
 }
 
-void add_rms_norm(const void *x, void *residual, void *out, const float *w, int64_t rows, int64_t dim, int64_t stride,
+void add_rms_norm(const void *x, float *residual, void *out, const float *w, int64_t rows, int64_t dim, int64_t stride,
                   float eps, int is_bf16, int threads) {
     if (is_bf16) add_rms_norm_impl(x, residual, out, w, rows, dim, stride, eps, threads, 1);
     else add_rms_norm_impl(x, residual, out, w, rows, dim, stride, eps, threads, 0);

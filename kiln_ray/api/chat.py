@@ -61,22 +61,24 @@ def render_chat(
     add_generation_prompt: bool = True,
     chat_template_kwargs: dict | None = None,
 ) -> list[int]:
-    """Render OpenAI chat `messages` through the tokenizer's chat template into prompt ids.
+    """Render OpenAI chat messages through the tokenizer's chat template; return prompt ids.
 
-    messages: `{"role": "system"|"developer"|"user"|"assistant"|"tool", "content": str | None |
-    [{"type": "text", "text": str}, ...], "tool_calls"?: [{"id", "type": "function",
-    "function": {"name": str, "arguments": str (JSON)}}], "tool_call_id"?: str}`. `developer`
-    is rendered as `system`; text parts are joined with "\\n"; None content is "".
-    tools: OpenAI tool objects (`{"type": "function", "function": {...}}`). A template that
-    mentions `tools` receives them (and tool calls/results) natively; otherwise they are
-    written in Hermes style into the system message (`HERMES_TOOLS_PROMPT`), assistant tool
-    calls become `<tool_call>` text and tool results become `<tool_response>` user turns.
-    Tool-call arguments are handed to templates as dicts, HF's documented shape.
-    Control tokens inside message text are encoded as plain text, so a client cannot forge a
-    turn boundary. Returns the ids as a new `list[int]`; `messages` is not mutated.
-    Raises ChatFormatError for empty messages, unknown roles, non-text parts, unparsable
-    tool-call arguments, reserved `chat_template_kwargs` keys or a template that rejects the
-    conversation.
+    messages: [{"role": "system" | "developer" | "user" | "assistant" | "tool",
+                "content": str | None | [{"type": "text", "text": str}, ...],
+                "tool_calls"?: [{"id": str, "type": "function",
+                                 "function": {"name": str, "arguments": str (JSON)}}],
+                "tool_call_id"?: str}, ...]
+    tools: OpenAI tool objects [{"type": "function", "function": {...}}, ...] or None.
+    Returns a new list[int]; `messages` and `tools` are not mutated.
+
+    `developer` renders as `system`, text parts are joined with "\\n", None content is "".
+    Tool-call arguments reach the template as dicts (HF's documented shape). A template that
+    mentions `tools` renders tools, calls and results itself; otherwise the tools go into the
+    system message as `HERMES_TOOLS_PROMPT`, calls become `<tool_call>` text and results
+    `<tool_response>` user turns. Control-token text inside messages (e.g. "<|im_end|>") is
+    encoded as plain text, so a client cannot forge a turn boundary.
+    Raises ChatFormatError for: no messages, an unknown role, a non-text part, unparsable
+    arguments, a reserved chat_template_kwargs key, or a template that rejects the chat.
     """
     if not messages:
         raise ChatFormatError("messages must contain at least one message")
@@ -127,12 +129,13 @@ def _text_content(content: Any) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise ChatFormatError(f"message content must be a string, null or a list, not {type(content).__name__}")
+        kind = type(content).__name__
+        raise ChatFormatError(f"message content must be a string, null or a list of parts, not {kind}")
     texts = []
     for part in content:
         part_type = part.get("type") if isinstance(part, dict) else type(part).__name__
         if part_type != "text" or not isinstance(part.get("text"), str):
-            raise ChatFormatError(f"unsupported content part type {part_type!r}: only 'text' parts are accepted")
+            raise ChatFormatError(f"unsupported content part type {part_type!r}: only 'text' is accepted")
         texts.append(part["text"])
     return "\n".join(texts)
 
@@ -149,7 +152,8 @@ def _template_tool_call(call: dict) -> dict:
         try:
             arguments = json.loads(arguments)
         except json.JSONDecodeError as error:
-            raise ChatFormatError(f"tool call {function['name']!r} arguments are not JSON: {error}") from error
+            name = function["name"]
+            raise ChatFormatError(f"tool call {name!r} arguments are not JSON: {error}") from error
     return {**call, "type": "function", "function": {**function, "arguments": arguments}}
 
 
@@ -186,7 +190,8 @@ def _hermes_call_text(function: dict) -> str:
 
 def _with_hermes_tools(conversation: list[dict], tools: list[dict]) -> list[dict]:
     """Append the Hermes tool block to the leading system message (prepend one if absent)."""
-    block = HERMES_TOOLS_PROMPT.format(tools="\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools))
+    tool_lines = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
+    block = HERMES_TOOLS_PROMPT.format(tools=tool_lines)
     if conversation[0]["role"] == "system":
         system = conversation[0]["content"]
         first = {**conversation[0], "content": f"{system}\n\n{block}" if system else block}
@@ -267,6 +272,7 @@ class StopMatcher:
     The stream stops at the earliest position where any stop string is complete, so the result
     does not depend on how the text was split into pushes. Text that could still begin a stop
     string is held back until it is ruled out (or `flush`). The stop string is not emitted.
+    `stopped` turns True at the match and stays True.
     """
 
     def __init__(self, stops: list[str]):
@@ -349,6 +355,7 @@ class ToolCallStreamParser:
     Inside a block nothing is released until `</tool_call>`, then the whole call (or, if
     malformed, the block's text as content). For any split of a text into pushes, the items
     of all pushes plus `flush` give `parse_tool_calls`'s result (content before stripping).
+    A push costs O(len(delta) + held text); the held text is at most one open block.
     """
 
     def __init__(self):
@@ -367,7 +374,7 @@ class ToolCallStreamParser:
                     return items
                 body, text = text[:end], text[end + len(TOOL_CALL_CLOSE) :]
                 call = _parse_call_body(body)
-                _append(items, call or TOOL_CALL_OPEN + body + TOOL_CALL_CLOSE)
+                _append(items, call if call is not None else TOOL_CALL_OPEN + body + TOOL_CALL_CLOSE)
                 self._inside = False
             else:
                 start = text.find(TOOL_CALL_OPEN)
@@ -391,7 +398,7 @@ def _append(items: list[str | ToolCall], item: str | ToolCall) -> None:
     """Append to `items`, merging adjacent content strings and dropping empty ones."""
     if isinstance(item, str) and items and isinstance(items[-1], str):
         items[-1] += item
-    elif item != "":
+    elif not isinstance(item, str) or item:
         items.append(item)
 
 
@@ -413,4 +420,5 @@ def _parse_call_body(body: str) -> ToolCall | None:
             return None
     if not isinstance(arguments, dict):
         return None
-    return ToolCall(name=call["name"], arguments=json.dumps(arguments, ensure_ascii=False, separators=(",", ":")))
+    compact = json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))
+    return ToolCall(name=call["name"], arguments=compact)

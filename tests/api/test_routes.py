@@ -1,0 +1,250 @@
+"""The HTTP API, in process (routes + a real engine on a tiny random model, no Ray), judged by
+the official openai SDK and by raw HTTP for framing and errors."""
+
+import json
+
+import openai
+import pytest
+
+from kiln_ray.api.chat import render_chat
+from tests.api.server import MODEL_NAME, make_app, wait_idle
+
+CHAT = [{"role": "user", "content": "Say something."}]
+
+
+def sse_events(response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_models_and_health(http, engine):
+    models = http.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [MODEL_NAME]
+    health = http.get("/health").json()
+    assert health["status"] == "ok" and health["model"] == MODEL_NAME
+    for key in ("dtype", "device", "kv_blocks_used", "kv_blocks_total", "running", "waiting", "uptime_s"):
+        assert key in health
+
+
+def test_chat_completion_with_usage_and_length_finish(sdk, tokenizer):
+    resp = sdk.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=7, temperature=0, extra_body={"ignore_eos": True})
+    choice = resp.choices[0]
+    assert choice.finish_reason == "length"
+    assert choice.message.role == "assistant" and choice.message.content
+    assert resp.usage.prompt_tokens == len(render_chat(tokenizer, CHAT))
+    assert resp.usage.completion_tokens == 7
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + 7
+    assert resp.id.startswith("chatcmpl-") and resp.model == MODEL_NAME
+
+
+def test_streamed_chat_equals_the_non_streamed_answer(sdk, engine):
+    kwargs = dict(model=MODEL_NAME, messages=CHAT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    whole = sdk.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(sdk.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    wait_idle(engine)
+
+
+def test_sse_framing_ends_with_done(http):
+    body = {"messages": CHAT, "max_tokens": 4, "stream": True, "temperature": 0}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
+
+
+def test_n_choices_and_seed_reproducibility(sdk):
+    kwargs = dict(model=MODEL_NAME, messages=CHAT, max_tokens=10, temperature=1.0, n=3, seed=7, extra_body={"ignore_eos": True})
+    a = sdk.chat.completions.create(**kwargs)
+    b = sdk.chat.completions.create(**kwargs)
+    texts = [c.message.content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in b.choices]
+    assert len(set(texts)) > 1
+    assert a.usage.completion_tokens == 30
+
+
+def test_stop_string_across_token_boundaries(sdk, tokenizer):
+    kwargs = dict(model=MODEL_NAME, messages=CHAT, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    full = sdk.chat.completions.create(**kwargs).choices[0].message.content
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    # A stop string made of the end of one token and the start of the next.
+    first = tokenizer.decode(ids[:4])
+    second = tokenizer.decode(ids[:5])
+    stop = first[-2:] + second[len(first):len(first) + 2]
+    cut = full.index(stop)
+    resp = sdk.chat.completions.create(**kwargs, stop=[stop])
+    assert resp.choices[0].message.content == full[:cut]
+    assert resp.choices[0].finish_reason == "stop"
+    streamed = sdk.chat.completions.create(**kwargs, stop=stop, stream=True)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full[:cut]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_multibyte_characters_are_never_split_in_deltas(sdk, tokenizer):
+    """Push the sampler towards byte-level pieces of emoji and CJK, whose UTF-8 bytes span
+    several tokens: every streamed delta must be whole characters."""
+    pieces = set()
+    for text in ("😀🎉🚀", "漢字かな", "ñé"):
+        pieces.update(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bias = {str(t): 8.0 for t in pieces}
+    kwargs = dict(model=MODEL_NAME, messages=CHAT, max_tokens=40, temperature=0.8, seed=3, logit_bias=bias,
+                  extra_body={"ignore_eos": True})
+    whole = sdk.chat.completions.create(**kwargs).choices[0].message.content
+    deltas = [c.choices[0].delta.content or "" for c in sdk.chat.completions.create(**kwargs, stream=True) if c.choices]
+    assert "".join(deltas) == whole
+    assert any(ord(ch) > 0x7FF for ch in whole), "expected multi-byte characters in the output"
+    if "\ufffd" not in whole:
+        assert not any("\ufffd" in d for d in deltas)
+
+
+def test_chat_logprobs(sdk):
+    resp = sdk.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=5, temperature=0, logprobs=True,
+                                       top_logprobs=3, extra_body={"ignore_eos": True})
+    content = resp.choices[0].logprobs.content
+    assert len(content) == 5
+    for entry in content:
+        assert entry.logprob <= 0
+        assert len(entry.top_logprobs) == 3
+        top = [t.logprob for t in entry.top_logprobs]
+        assert top == sorted(top, reverse=True)
+        assert entry.logprob == pytest.approx(top[0], abs=1e-5)  # greedy picks the most likely
+
+
+def test_completions_prompt_forms_echo_and_logprobs(sdk, tokenizer):
+    text = sdk.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=5, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    ids = tokenizer("Once upon a time", add_special_tokens=False)["input_ids"]
+    by_ids = sdk.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    assert text.choices[0].text == by_ids.choices[0].text
+    assert text.usage.prompt_tokens == len(ids)
+    many = sdk.completions.create(model=MODEL_NAME, prompt=["a", "b", "c"], max_tokens=3, temperature=0, n=2,
+                                  extra_body={"ignore_eos": True})
+    assert [c.index for c in many.choices] == list(range(6))
+    echo = sdk.completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=5, temperature=0, echo=True,
+                                  logprobs=2, extra_body={"ignore_eos": True})
+    assert echo.choices[0].text == "Once upon a time" + text.choices[0].text
+    lp = echo.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert lp.text_offset[0] == len("Once upon a time")
+    streamed = "".join(c.choices[0].text for c in sdk.completions.create(
+        model=MODEL_NAME, prompt="Once upon a time", max_tokens=5, temperature=0, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices)
+    assert streamed == text.choices[0].text
+
+
+def test_batch_completions_run_together_with_derived_seeds(http, sdk):
+    prompts = [[{"role": "user", "content": f"Question {i}?"}] for i in range(3)]
+    body = {"prompts": prompts, "n": 2, "max_tokens": 6, "temperature": 1.0, "seed": 100, "ignore_eos": True}
+    r = http.post("/v1/completions/batch", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["completions"]) == 6
+    assert {(c["prompt_index"], c["completion_index"]) for c in out["completions"]} == {(p, i) for p in range(3) for i in range(2)}
+    assert out["usage"]["completion_tokens"] == 36
+    # completion (p, i) is sampled with seed + p * n + i: the same as a lone chat request.
+    for c in out["completions"]:
+        seed = 100 + c["prompt_index"] * 2 + c["completion_index"]
+        single = sdk.chat.completions.create(model=MODEL_NAME, messages=prompts[c["prompt_index"]], max_tokens=6,
+                                             temperature=1.0, seed=seed, extra_body={"ignore_eos": True})
+        assert single.choices[0].message.content == c["text"]
+
+
+def test_unknown_openai_fields_are_ignored(http):
+    body = {"messages": CHAT, "max_tokens": 2, "user": "u-1", "store": False, "metadata": {"a": "b"}, "some_new_field": 1}
+    assert http.post("/v1/chat/completions", json=body).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": CHAT, "n": 0}, "n"),
+        ({"messages": CHAT, "n": 1000}, "n"),
+        ({"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"messages": CHAT, "temperature": -1}, "temperature"),
+        ({"messages": CHAT, "max_tokens": 0}, "max_tokens"),
+        ({"messages": CHAT, "max_tokens": 100000}, "max_tokens"),
+        ({"messages": CHAT, "logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"messages": CHAT, "logit_bias": {"999999": 1}}, "logit_bias"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": CHAT, "stop": [""]}, "stop"),
+    ],
+)
+def test_bad_requests_get_400_with_an_openai_error_body(http, body, param):
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+    assert err["param"] is None or err["param"].startswith(param.split(".")[0])
+
+
+def test_context_overflow_names_the_numbers(http):
+    r = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 600})
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    assert "600" in message and "512" in message
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_malformed_json_and_unknown_model(http):
+    r = http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = http.post("/v1/chat/completions", json={"model": "gpt-9", "messages": CHAT})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0).chat.completions.create(
+            model="gpt-9", messages=CHAT)
+
+
+def test_full_queue_gets_429_with_retry_after(tiny_smol_dir):
+    import asyncio
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from kiln_ray.engine.async_engine import GenerateRequest
+    from kiln_ray.engine.sampling_params import SamplingParams
+
+    app, engine = make_app(tiny_smol_dir, max_num_seqs=1, max_waiting_requests=0)
+    started = threading.Event()
+
+    async def occupy():  # holds the engine's only slot from another thread
+        async for _ in engine.generate(GenerateRequest("occupier", [1, 2, 3], SamplingParams(max_tokens=1000, ignore_eos=True))):
+            started.set()
+
+    worker = threading.Thread(target=lambda: asyncio.run(occupy()), daemon=True)
+    worker.start()
+    try:
+        assert started.wait(10)
+        with TestClient(app) as client:
+            r = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2})
+            assert r.status_code == 429
+            assert r.headers["retry-after"] == "1"
+            assert r.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        engine.shutdown()
+
+
+def test_metrics_endpoint_exports_kiln_metrics(http, sdk):
+    sdk.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=3)
+    text = http.get("/metrics").text
+    for name in ("kiln_requests_total", "kiln_time_to_first_token_seconds", "kiln_kv_blocks_total",
+                 "kiln_generation_tokens_total", "kiln_running_requests"):
+        assert name in text
+    assert 'route="/v1/chat/completions",status="200"' in text
+
+
+def test_every_request_frees_its_blocks(engine, http):
+    wait_idle(engine)

@@ -1,0 +1,110 @@
+"""Tool calls through the API. A random model does not write tool-call markup, so the engine
+boundary is replaced by a scripted client that emits the token ids of a fixed answer (split
+into several increments, as the engine would); everything above it — template rendering with
+tools, detokenizing, parsing, OpenAI framing — is the real code."""
+
+import json
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from kiln_ray.api.routes import ServerContext, create_app
+from kiln_ray.config import KilnConfig
+from kiln_ray.engine.request import RequestOutput
+from kiln_ray.model.registry import load_tokenizer
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+ANSWER = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+class ScriptedEngine:
+    """Answers every request with the token ids of `text`, a few tokens per increment."""
+
+    def __init__(self, tokenizer, text: str):
+        self.ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        self.requests = []
+
+    async def generate(self, request):
+        self.requests.append(request)
+        for i in range(0, len(self.ids), 3):
+            chunk = self.ids[i:i + 3]
+            done = i + 3 >= len(self.ids)
+            yield [RequestOutput(request.request_id, 0, chunk, "stop" if done else None,
+                                 num_prompt_tokens=len(request.prompt_token_ids), num_output_tokens=min(i + 3, len(self.ids)))]
+
+    async def abort(self, request_id):
+        pass
+
+    async def info(self):
+        return {"alive": True}
+
+
+@pytest.fixture(scope="module")
+def scripted(default_model_dir):
+    tokenizer = load_tokenizer(default_model_dir)
+    engine = ScriptedEngine(tokenizer, ANSWER)
+    ctx = ServerContext(config=KilnConfig(model=str(default_model_dir)), engine=engine, tokenizer=tokenizer,
+                        model_name="m", max_model_len=8192, vocab_size=49152)
+    with TestClient(create_app(ctx)) as client:
+        yield client, engine, tokenizer
+
+
+def test_tools_are_rendered_and_the_call_is_structured(scripted):
+    client, engine, tokenizer = scripted
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
+    resp = sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                       tools=[WEATHER_TOOL])
+    prompt = tokenizer.decode(engine.requests[-1].prompt_token_ids)
+    assert "get_weather" in prompt and "<tools>" in prompt
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me check.\n"
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert call.id.startswith("call_")
+
+
+def test_streamed_tool_call_arrives_as_one_delta(scripted):
+    client, _, _ = scripted
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
+    chunks = list(sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "Weather?"}],
+                                              tools=[WEATHER_TOOL], stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert content == "Let me check.\n"
+    assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice_none_leaves_markup_as_text(scripted):
+    client, engine, tokenizer = scripted
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                   "tools": [WEATHER_TOOL], "tool_choice": "none"})
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == ANSWER
+    assert "tool_calls" not in body["choices"][0]["message"]
+    assert "get_weather" not in tokenizer.decode(engine.requests[-1].prompt_token_ids)
+
+
+def test_tool_results_and_assistant_calls_render(scripted):
+    client, engine, tokenizer = scripted
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18C and sunny"},
+    ]
+    r = client.post("/v1/chat/completions", json={"messages": messages, "tools": [WEATHER_TOOL]})
+    assert r.status_code == 200, r.text
+    prompt = tokenizer.decode(engine.requests[-1].prompt_token_ids)
+    assert "18C and sunny" in prompt and '"city": "Paris"' in prompt

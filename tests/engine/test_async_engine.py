@@ -1,0 +1,126 @@
+"""AsyncLLMEngine: the step loop on its own thread, streamed to asyncio consumers."""
+
+import asyncio
+
+import pytest
+import torch
+
+from kiln_ray.config import EngineConfig
+from kiln_ray.engine.async_engine import AsyncLLMEngine, EngineDeadError, GenerateRequest
+from kiln_ray.engine.engine import EngineFullError, LLMEngine
+from kiln_ray.engine.sampling_params import SamplingParams
+from kiln_ray.model.loader import load_model
+
+
+@pytest.fixture()
+def engine(tiny_model_dirs):
+    model = load_model(tiny_model_dirs["llama"][0], torch.float32, "cpu")
+    eng = AsyncLLMEngine(LLMEngine(model, EngineConfig(block_size=4, num_kv_blocks=256, max_waiting_requests=64)))
+    yield eng
+    eng.shutdown()
+
+
+def req(rid, n_tokens=8, **kw):
+    return GenerateRequest(rid, [5, 6, 7, 8, 9], SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True, **kw))
+
+
+async def collect(engine, request):
+    tokens: dict[int, list[int]] = {}
+    finish = {}
+    async for batch in engine.generate(request):
+        for o in batch:
+            tokens.setdefault(o.index, []).extend(o.new_token_ids)
+            if o.finished:
+                finish[o.index] = o.finish_reason
+    return tokens, finish
+
+
+async def wait_idle(engine):
+    for _ in range(200):
+        s = engine.stats()
+        if s.running == s.waiting == s.kv_blocks_used == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(engine.stats())
+
+
+def test_concurrent_streams_are_batched_and_complete(engine):
+    async def main():
+        results = await asyncio.gather(*(collect(engine, req(f"r{i}", 12)) for i in range(8)))
+        await wait_idle(engine)
+        return results
+
+    results = asyncio.run(main())
+    for tokens, finish in results:
+        assert len(tokens[0]) == 12 and finish == {0: "length"}
+    assert len({tuple(t[0]) for t, _ in results}) == 1  # same prompt, greedy
+    assert engine.stats().steps < 8 * 12  # they shared steps
+
+
+def test_leaving_early_aborts_and_frees_blocks(engine):
+    async def main():
+        stream = engine.generate(req("early", 200))
+        async for _ in stream:
+            break
+        await stream.aclose()
+        await wait_idle(engine)
+
+    asyncio.run(main())
+    assert "early" not in engine.engine.requests
+
+
+def test_cancelled_consumer_aborts(engine):
+    async def main():
+        task = asyncio.create_task(collect(engine, req("cancel-me", 500)))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_idle(engine)
+
+    asyncio.run(main())
+
+
+def test_refusals_raise_before_the_first_batch(engine):
+    async def main():
+        with pytest.raises(ValueError, match="context limit"):
+            await collect(engine, GenerateRequest("long", [5] * 10, SamplingParams(max_tokens=10**6)))
+        with pytest.raises(ValueError, match="empty"):
+            await collect(engine, GenerateRequest("empty", [], SamplingParams()))
+
+    asyncio.run(main())
+
+
+def test_full_queue_raises_engine_full(tiny_model_dirs):
+    model = load_model(tiny_model_dirs["llama"][0], torch.float32, "cpu")
+    config = EngineConfig(block_size=4, num_kv_blocks=64, max_num_seqs=1, max_waiting_requests=0)
+    eng = AsyncLLMEngine(LLMEngine(model, config))
+
+    async def main():
+        first = asyncio.create_task(collect(eng, req("first", 100)))
+        await asyncio.sleep(0.2)
+        with pytest.raises(EngineFullError):
+            await collect(eng, req("second"))
+        first.cancel()
+
+    try:
+        asyncio.run(main())
+    finally:
+        eng.shutdown()
+
+
+def test_a_failing_step_kills_the_loop_and_fails_every_stream(engine, monkeypatch):
+    def broken_step():
+        raise RuntimeError("simulated kernel fault")
+
+    async def main():
+        task = asyncio.create_task(collect(engine, req("victim", 400)))
+        await asyncio.sleep(0.1)
+        monkeypatch.setattr(engine.engine, "step", broken_step)
+        with pytest.raises(EngineDeadError, match="simulated kernel fault"):
+            await task
+        assert not engine.is_alive()
+        with pytest.raises(EngineDeadError):
+            await collect(engine, req("after"))
+
+    asyncio.run(main())
