@@ -166,7 +166,7 @@ class AsyncLLMEngine:
             self._error = error
             dead = EngineDeadError(f"the engine loop stopped: {error!r}")
             for stream in self._streams.values():
-                stream.loop.call_soon_threadsafe(stream.fail, dead)
+                _call_soon(stream.loop, stream.fail, dead)
             self._streams.clear()
             self._fail_pending_adds(dead)
 
@@ -186,10 +186,12 @@ class AsyncLLMEngine:
                         request.request_id, request.prompt_token_ids, request.params, request.cache_key
                     )
                 except Exception as error:  # noqa: BLE001 - handed to the caller
-                    stream.loop.call_soon_threadsafe(_settle, added, error)
+                    _call_soon(stream.loop, _settle, added, error)
                     continue
-                self._streams[request.request_id] = stream
-                stream.loop.call_soon_threadsafe(_settle, added, None)
+                if _call_soon(stream.loop, _settle, added, None):
+                    self._streams[request.request_id] = stream
+                else:  # the caller's event loop is gone: nobody will read this
+                    self.engine.abort(request.request_id)
             else:
                 _, request_id = command
                 if self.engine.abort(request_id):
@@ -204,8 +206,9 @@ class AsyncLLMEngine:
             stream = self._streams.get(request_id)
             if stream is None:  # aborted meanwhile
                 continue
-            stream.loop.call_soon_threadsafe(stream.put, outs)
-            if request_id not in self.engine.requests:  # every sequence finished
+            if not _call_soon(stream.loop, stream.put, outs):  # its event loop is gone
+                self.engine.abort(request_id)
+            if request_id not in self.engine.requests:  # every sequence finished (or aborted)
                 del self._streams[request_id]
 
     def _fail_pending_adds(self, error: BaseException) -> None:
@@ -215,7 +218,17 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return
             if command[0] == "add":
-                command[2].loop.call_soon_threadsafe(_settle, command[3], error)
+                _call_soon(command[2].loop, _settle, command[3], error)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
+    """Schedule fn(*args) on a consumer's event loop; False if that loop has closed (the loop
+    thread must survive any consumer vanishing)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:
+        return False
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:

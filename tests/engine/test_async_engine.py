@@ -93,15 +93,15 @@ def test_refusals_raise_before_the_first_batch(engine):
 
 def test_full_queue_raises_engine_full(tiny_model_dirs):
     model = load_model(tiny_model_dirs["llama"][0], torch.float32, "cpu")
-    config = EngineConfig(block_size=4, num_kv_blocks=64, max_num_seqs=1, max_waiting_requests=0)
+    config = EngineConfig(block_size=4, num_kv_blocks=64, max_num_seqs=1, max_waiting_requests=0, max_model_len=256)
     eng = AsyncLLMEngine(LLMEngine(model, config))
 
     async def main():
-        first = asyncio.create_task(collect(eng, req("first", 100)))
-        await asyncio.sleep(0.2)
+        first = eng.generate(req("first", 200))
+        await first.__anext__()  # running: it holds the only slot for ~200 more steps
         with pytest.raises(EngineFullError):
             await collect(eng, req("second"))
-        first.cancel()
+        await first.aclose()
 
     try:
         asyncio.run(main())
@@ -124,3 +124,22 @@ def test_a_failing_step_kills_the_loop_and_fails_every_stream(engine, monkeypatc
             await collect(engine, req("after"))
 
     asyncio.run(main())
+
+
+def test_a_consumer_whose_event_loop_closed_does_not_kill_the_loop(engine):
+    """A caller's event loop that dies mid-request (no abort sent) must not take the engine
+    thread down: the request is aborted and others keep being served."""
+
+    loop = asyncio.new_event_loop()
+    orphan = engine.generate(req("orphan", 300))
+    loop.run_until_complete(orphan.__anext__())  # running now
+    loop.close()  # closed without finalising the generator: no abort is ever sent
+
+    async def main():
+        tokens, _ = await asyncio.wait_for(collect(engine, req("next", 5)), 30)
+        await wait_idle(engine)
+        return tokens
+
+    assert len(asyncio.run(main())[0]) == 5
+    assert engine.is_alive()
+    del orphan

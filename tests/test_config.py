@@ -1,0 +1,52 @@
+"""KilnConfig: validated once, frozen, KILN_* environment overrides on top of serve args."""
+
+import pytest
+from pydantic import ValidationError
+
+from kiln_ray.config import KilnConfig
+
+
+def test_serve_config_yaml_validates():
+    import yaml
+
+    args = yaml.safe_load(open("serve_config.yaml"))["applications"][0]["args"]
+    cfg = KilnConfig.from_args(args, env={})
+    assert cfg.model == "default" and cfg.engine.max_num_seqs == 64 and cfg.deploy.engine_cpus == 1.0
+
+
+def test_environment_overrides_file_values_at_any_depth():
+    cfg = KilnConfig.from_args(
+        {"model": "default", "engine": {"max_num_seqs": 64}},
+        env={"KILN_MODEL": "/models/qwen", "KILN_ENGINE__MAX_NUM_SEQS": "8", "KILN_DTYPE": "float32",
+             "KILN_UNRELATED_THING": "x", "OTHER": "y"},
+    )
+    assert cfg.model == "/models/qwen" and cfg.engine.max_num_seqs == 8 and cfg.dtype == "float32"
+
+
+def test_config_is_frozen_and_strict():
+    cfg = KilnConfig.from_args({}, env={})
+    with pytest.raises(ValidationError):
+        cfg.model = "x"
+    with pytest.raises(ValidationError):
+        KilnConfig.from_args({"engine": {"max_num_seqz": 3}}, env={})
+    with pytest.raises(ValidationError):
+        KilnConfig.from_args({}, env={"KILN_ENGINE__BLOCK_SIZE": "zero"})
+
+
+def test_asking_for_a_gpu_on_a_cluster_without_one_fails_clearly():
+    from kiln_ray.app import _wants_gpu
+
+    with pytest.raises(ValueError, match="no GPU"):
+        _wants_gpu(KilnConfig.from_args({"device": "cuda"}, env={}))
+    assert _wants_gpu(KilnConfig.from_args({"device": "auto"}, env={})) is False
+    assert _wants_gpu(KilnConfig.from_args({"device": "cpu"}, env={})) is False
+
+
+def test_readme_documents_every_config_field():
+    from kiln_ray.config import DeployConfig, EngineConfig
+
+    readme = open("README.md").read()
+    fields = [f"`{n}`" for n in KilnConfig.model_fields if n not in ("engine", "deploy")]
+    fields += [f"`engine.{n}`" for n in EngineConfig.model_fields] + [f"`deploy.{n}`" for n in DeployConfig.model_fields]
+    missing = [f for f in fields if f not in readme]
+    assert not missing, f"README configuration table misses {missing}"
