@@ -39,6 +39,12 @@ class EngineConfig(_Frozen):
     max_waiting_requests: int = Field(256, ge=0, description="sequences that may wait beyond max_num_seqs; more are refused (HTTP 429)")
     enable_prefix_caching: bool | None = Field(None, description="default: on, except for hybrid models")
     kernels: Literal["auto", "reference", "fast"] = "auto"
+    max_loras: int = Field(4, ge=0, description="adapter slots resident at once (0 disables LoRA serving)")
+    max_lora_rank: int = Field(32, ge=1, le=512, description="largest rank a slot holds (compositions add ranks)")
+    lora_targets: tuple[str, ...] = Field(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        description="modules adapters may adapt; add in_proj_qkv/in_proj_z/in_proj_b/in_proj_a/out_proj for linear attention",
+    )
     prepack_weights: bool = Field(
         True, description="CPU bf16: keep oneDNN-packed copies of the projections (faster, +1x weight memory)"
     )

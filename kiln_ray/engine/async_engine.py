@@ -38,7 +38,8 @@ class GenerateRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    cache_key: str | None = None
+    adapter: str | None = None  # an adapter name: its current version, or `adapter_version`
+    adapter_version: int | None = None
 
 
 class EngineDeadError(RuntimeError):
@@ -183,7 +184,8 @@ class AsyncLLMEngine:
                 _, request, stream, added = command
                 try:
                     self.engine.add_request(
-                        request.request_id, request.prompt_token_ids, request.params, request.cache_key
+                        request.request_id, request.prompt_token_ids, request.params,
+                        request.adapter, request.adapter_version,
                     )
                 except Exception as error:  # noqa: BLE001 - handed to the caller
                     _call_soon(stream.loop, _settle, added, error)

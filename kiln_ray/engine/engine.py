@@ -23,6 +23,7 @@ import torch
 from kernels.dispatch import select_kernels
 from kernels.linear import prepack_available
 from kiln_ray.config import EngineConfig, KilnConfig, torch_dtype
+from kiln_ray.engine.adapter_manager import AdapterManager, AdapterNotLoaded
 from kiln_ray.engine.block_manager import BlockManager
 from kiln_ray.engine.request import Request, RequestOutput, RequestStatus
 from kiln_ray.engine.runner import ModelRunner, Sample
@@ -30,6 +31,7 @@ from kiln_ray.engine.sampling_params import SamplingParams
 from kiln_ray.engine.scheduler import Scheduler
 from kiln_ray.engine.state_pool import StatePool
 from kiln_ray.model.causal_lm import MAX_POSITIONS, CausalLM
+from kiln_ray.model.lora import AdapterSlots, LoraWeights
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,11 @@ class LLMEngine:
             self.block_manager, self.state_pool, config.max_num_seqs, config.max_num_batched_tokens
         )
         self.runner = ModelRunner(model, num_blocks, config.block_size, kv_dtype, num_state_slots, self.device)
+        self.adapters = AdapterManager(config.max_loras)
+        if config.max_loras:
+            self.runner.adapter_slots = AdapterSlots(
+                model, config.max_loras, config.max_lora_rank, tuple(config.lora_targets), model.dtype
+            )
         self.eos_token_ids = frozenset(cfg.eos_token_ids)
         self.requests: dict[str, list[Request]] = {}  # request_id -> its sequences (siblings included)
         self.num_steps = 0
@@ -135,10 +142,13 @@ class LLMEngine:
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        cache_key: str | None = None,
+        adapter: str | None = None,
+        adapter_version: int | None = None,
     ) -> None:
-        """Queue a request. Raises ValueError for input the engine cannot serve and
-        EngineFullError when the waiting queue is full."""
+        """Queue a request, on the base model or on adapter `adapter` (its current version,
+        or `adapter_version`), which stays pinned until the request ends. Raises ValueError
+        for input the engine cannot serve, AdapterNotLoaded for an adapter that is not
+        resident, and EngineFullError when the queue is full."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
@@ -157,11 +167,17 @@ class LLMEngine:
             raise EngineFullError(
                 f"{self.scheduler.num_unfinished} sequences are running or waiting (limit {capacity})"
             )
+        entry = None if adapter is None else self.adapters.resolve(adapter, adapter_version)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        cache_key = None if entry is None else entry.cache_key  # KV of one adapter version only
         group = [
             Request(request_id, prompt_token_ids, params, index=i, cache_key=cache_key, stop_token_ids=stop_ids)
             for i in range(params.n)
         ]
+        if entry is not None:
+            for req in group:
+                req.adapter = entry
+                self.adapters.pin(entry)
         group[0].pending_siblings = group[1:]
         self.requests[request_id] = group
         self.scheduler.add(group[0])
@@ -173,8 +189,32 @@ class LLMEngine:
             return False
         for req in group:
             if not req.status.finished:
-                self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+                self._retire(req, RequestStatus.FINISHED_ABORTED)
         return True
+
+    def _retire(self, req: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(req, status)
+        if req.adapter is not None:
+            self.adapters.unpin(req.adapter)
+            req.adapter = None
+
+    # -- adapters ------------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, version: int, weights: LoraWeights, make_current: bool = True) -> int:
+        """Write an adapter version into a free slot and (make_current) flip `name` to it:
+        the hot swap. Call between steps. Requests already running keep the version they
+        pinned. Returns the slot. Raises AdapterSlotsFull or ValueError (rank/targets)."""
+        if not self.config.max_loras:
+            raise ValueError("LoRA serving is disabled (max_loras: 0)")
+        slot = self.adapters.reserve_slot()
+        self.runner.adapter_slots.load(slot, weights)
+        self.adapters.install(name, version, slot, make_current)
+        log.info("adapter %s@%d in slot %d%s", name, version, slot, " (current)" if make_current else "")
+        return slot
+
+    def unload_adapter(self, name: str) -> list[int]:
+        """Stop serving `name` to new requests; its slots free up as running requests end."""
+        return self.adapters.unload(name)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -217,7 +257,7 @@ class LLMEngine:
     def _output_for(self, req: Request, samples: list[Sample]) -> RequestOutput:
         finish = self._check_stop(req)
         if finish is not None and not req.status.finished:
-            self.scheduler.finish(req, finish)
+            self._retire(req, finish)
             self._forget_if_done(req.request_id)
         logprobs = [s.logprob for s in samples] if req.params.logprobs is not None else None
         return RequestOutput(

@@ -59,6 +59,7 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_token_time: float | None = None
         self.pending_siblings: list[Request] = []
+        self.adapter = None  # the AdapterManager entry this sequence pinned, if any
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             # Sibling i of a seeded group samples with seed + i (documented API behaviour).

@@ -19,6 +19,7 @@ from kiln_ray.engine.sampler import Sampler
 from kiln_ray.engine.scheduler import ScheduledSequence, SchedulerOutput
 from kiln_ray.model.causal_lm import CausalLM
 from kiln_ray.model.context import ForwardContext, LayerCaches, StateMetadata
+from kiln_ray.model.lora import AdapterSlots, LoraBatch
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
+        self.adapter_slots: AdapterSlots | None = None  # set by the engine when LoRA is on
         kv_shape = (num_kv_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.caches = LayerCaches(
             kv=[
@@ -91,6 +93,7 @@ class ModelRunner:
         if self.caches.recurrent:
             slots = torch.tensor([s.state_slot for s in seqs], dtype=torch.int64, device=self.device)
             ctx.states = StateMetadata(slots=slots, num_decodes=num_decodes)
+        ctx.lora = self._lora_batch(seqs, cu)
 
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.int64, device=self.device),
@@ -110,6 +113,19 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[torch.tensor(row_index, device=self.device)])
         tokens, logprobs = self.sampler(logits, rows)
         return [Sample(r, t, lp) for r, t, lp in zip(rows, tokens, logprobs)]
+
+    def _lora_batch(self, seqs: list[ScheduledSequence], cu: list[int]) -> LoraBatch | None:
+        """Rows of the flat batch grouped by adapter slot (None when no row uses one)."""
+        rows_by_slot: dict[int, list[int]] = {}
+        for i, s in enumerate(seqs):
+            if s.request.adapter is not None:
+                rows_by_slot.setdefault(s.request.adapter.slot, []).extend(range(cu[i], cu[i + 1]))
+        if not rows_by_slot:
+            return None
+        if len(rows_by_slot) == 1 and len(next(iter(rows_by_slot.values()))) == cu[-1]:
+            return LoraBatch(self.adapter_slots, [(next(iter(rows_by_slot)), None)])  # every row
+        groups = [(slot, torch.tensor(rows, dtype=torch.int64, device=self.device)) for slot, rows in rows_by_slot.items()]
+        return LoraBatch(self.adapter_slots, groups)
 
     def _flatten(self, seqs: list[ScheduledSequence]) -> tuple[list[int], list[int], list[int]]:
         bs = self.block_size

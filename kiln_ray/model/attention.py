@@ -35,7 +35,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         num_tokens = x.shape[0]
-        parts = self.qkv_proj(x).split(self.qkv_proj.out_sizes, dim=-1)
+        parts = self.qkv_proj(x, ctx.lora).split(self.qkv_proj.out_sizes, dim=-1)
         if self.gated:
             q, gate, k, v = parts
         else:
@@ -57,4 +57,4 @@ class Attention(nn.Module):
         out = out.reshape(num_tokens, self.num_heads * self.head_dim)
         if gate is not None:
             out = out * torch.sigmoid(gate)
-        return self.o_proj(out)
+        return self.o_proj(out, ctx.lora)

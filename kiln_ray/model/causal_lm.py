@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kernels.dispatch import Kernels
 from kernels.linear import linear, pack_weight
@@ -55,7 +56,7 @@ class DecoderLayer(nn.Module):
         else:
             x = self.linear_attn(x, ctx)
         x, residual = self.kernels.add_rms_norm(x, residual, norm2.weight, norm2.eps, dtype)
-        return self.mlp(x), residual
+        return self.mlp(x, ctx.lora), residual
 
 
 class CausalLM(nn.Module):
@@ -75,6 +76,9 @@ class CausalLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg.rope, min(cfg.max_position_embeddings, MAX_POSITIONS))
         self.kernels = kernels
         self.packed_tied_head: torch.Tensor | None = None  # tied embeddings as the output head
+        for name, module in self.named_modules():
+            if isinstance(module, Linear):
+                module.path = name
 
     def prepack(self) -> None:
         """Pack every projection (and the output head) for fast no-grad forwards on CPU bf16;
@@ -89,7 +93,10 @@ class CausalLM(nn.Module):
         """input_ids, positions (T,) -> final hidden states (T, hidden) after the last norm."""
         x, residual = None, F.embedding(input_ids, self.embed_tokens).float()
         for layer in self.layers:
-            x, residual = layer(x, residual, positions, self.rotary.cos_sin, ctx)
+            if ctx.checkpoint_layers:
+                x, residual = checkpoint(layer, x, residual, positions, self.rotary.cos_sin, ctx, use_reentrant=False)
+            else:
+                x, residual = layer(x, residual, positions, self.rotary.cos_sin, ctx)
         x, _ = self.kernels.add_rms_norm(x, residual, self.norm.weight, self.norm.eps, self.dtype)
         return x
 

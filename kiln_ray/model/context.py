@@ -11,6 +11,7 @@ Two modes share the same modules:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -45,6 +46,8 @@ class ForwardContext:
     attention: AttentionMetadata | None = None
     states: StateMetadata | None = None
     caches: LayerCaches | None = None
+    lora: Any = None  # LoraBatch (serving) or TrainableLora (training): apply(path, x, out) -> out
+    checkpoint_layers: bool = False  # training: recompute each layer in backward (less memory)
     cu_seqlens_t: torch.Tensor = field(init=False)  # the same offsets as an int64 tensor
 
     def __post_init__(self) -> None:
@@ -55,9 +58,9 @@ class ForwardContext:
         return self.caches is not None
 
     @classmethod
-    def dense(cls, seq_lens: list[int]) -> ForwardContext:
+    def dense(cls, seq_lens: list[int], lora: Any = None) -> ForwardContext:
         """Training mode: packed sequences of the given lengths, no cache."""
         cu = [0]
         for n in seq_lens:
             cu.append(cu[-1] + n)
-        return cls(cu_seqlens=cu)
+        return cls(cu_seqlens=cu, lora=lora)

@@ -58,7 +58,7 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         num_tokens = x.shape[0]
-        mixed_qkv, z, b, a = self.in_proj(x).split(self.in_proj.out_sizes, dim=-1)
+        mixed_qkv, z, b, a = self.in_proj(x, ctx.lora).split(self.in_proj.out_sizes, dim=-1)
 
         mixed_qkv = self._conv(mixed_qkv, ctx)  # (T, conv_dim)
         q, k, v = mixed_qkv.split((self.key_dim, self.key_dim, self.value_dim), dim=-1)
@@ -70,7 +70,7 @@ class GatedDeltaNet(nn.Module):
 
         out = self._delta_rule(q, k, v, decay, beta, ctx)  # (T, Hv, Dv)
         out = gated_rms_norm(out, z.reshape(num_tokens, self.num_v_heads, self.head_v_dim), self.norm_weight, self.eps)
-        return self.out_proj(out.reshape(num_tokens, self.value_dim))
+        return self.out_proj(out.reshape(num_tokens, self.value_dim), ctx.lora)
 
     def _conv(self, mixed_qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         k = self.kernels

@@ -31,6 +31,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(sum(out_sizes), in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(sum(out_sizes), dtype=dtype), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None  # see `prepack`
+        self.path = ""  # this module's name in the model, set by CausalLM (LoRA looks it up)
 
     def prepack(self) -> None:
         """Keep a oneDNN-packed copy of the weight for no-grad forwards (CPU, bf16)."""
@@ -40,8 +41,10 @@ class Linear(nn.Module):
         start = sum(self.out_sizes[:part])
         return slice(start, start + self.out_sizes[part])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.packed)
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        """`lora`: anything with `apply(path, x, out) -> out` (model/lora.py), or None."""
+        out = linear(x, self.weight, self.bias, self.packed)
+        return out if lora is None else lora.apply(self.path, x, out)
 
 
 class RMSNorm(nn.Module):
@@ -65,8 +68,8 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(hidden_size, (intermediate_size, intermediate_size), False, dtype)
         self.down_proj = Linear(intermediate_size, (hidden_size,), False, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x, lora)), lora)
 
 
 class RotaryEmbedding(nn.Module):

@@ -56,7 +56,7 @@ class PagedHarness:
         self.slots = [num_seqs + 1 - i for i in range(num_seqs)]
         self.computed = [0] * num_seqs
 
-    def step(self, work: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+    def step(self, work: list[tuple[int, torch.Tensor]], lora=None) -> list[torch.Tensor]:
         """work: (sequence index, its next tokens), decodes (1 token) first. Returns the
         logits of every new token, per entry."""
         ids, pos, slots_map, qlens, ctxs, tables, state_slots = [], [], [], [], [], [], []
@@ -79,6 +79,7 @@ class PagedHarness:
             caches=self.caches,
             attention=AttentionMetadata.build(qlens, ctxs, tables, torch.tensor(slots_map), self.bs, torch.device("cpu")),
             states=StateMetadata(torch.tensor(state_slots), sum(1 for n in qlens if n == 1)),
+            lora=lora,
         )
         with torch.no_grad():
             logits = self.model.compute_logits(self.model(torch.cat(ids), torch.tensor(pos), ctx))
