@@ -53,7 +53,8 @@ class AdapterManager:
         self.by_slot: dict[int, Resident] = {}
         self.current: dict[str, int] = {}
         self._clock = itertools.count(1)
-        self.num_swaps = 0
+        self._published: set[str] = set()
+        self.num_swaps = 0  # make_current installs of a name that had been current before
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -107,8 +108,9 @@ class AdapterManager:
         if make_current:
             previous = self.current.get(name)
             self.current[name] = version
+            self.num_swaps += name in self._published
+            self._published.add(name)
             if previous is not None and previous != version:
-                self.num_swaps += 1
                 self._release_if_idle(self.residents.get((name, previous)))
         return entry
 

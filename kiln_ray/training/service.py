@@ -1,0 +1,308 @@
+"""TrainingService: the job queue around a Trainer, the adapter store's only writer, and the
+source of adapter publications. Plain Python (a worker thread); the trainer actor wraps it.
+
+    submit -> queued -> running -> completed | failed | cancelled
+                 \\----------------------------------> cancelled (cancel while queued)
+
+A job continues from its adapter's current version (weights + optimizer state) unless it asks
+for a fresh start, replays a sample of the adapter's earlier examples, and on success writes
+version N+1 to the store (atomically), records its examples beside it, and publishes it:
+`publish(Publication)` is how the engine hears about a new version. Every state change can
+POST a webhook (short timeout, no redirects, failures logged, never blocking the queue).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kiln_ray.adapters.store import AdapterNotFound, AdapterStore, validate_name
+from kiln_ray.model.lora import LoraWeights
+from kiln_ray.training.data import GroupBatch, TokenizedExample
+from kiln_ray.training.trainer import JobCancelled, StepReport, Trainer, TrainConfig, TrainResult
+
+log = logging.getLogger("kiln_ray.training")
+
+
+class QueueFull(RuntimeError):
+    """The job queue is at its limit; retry later."""
+
+
+class JobNotFound(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "job not found"
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Publication:
+    """A version the engine should serve: `make_current` flips the name to it; `activate`
+    also makes it the server's default adapter."""
+
+    name: str
+    version: int
+    weights: LoraWeights
+    make_current: bool = True
+    activate: bool = False
+    job_id: str | None = None
+
+
+@dataclass
+class Job:
+    job_type: str  # "sft" | "grpo"
+    adapter: str
+    config: TrainConfig
+    activate: bool = False
+    examples: list[TokenizedExample] = field(default_factory=list)
+    raw_examples: list[dict] = field(default_factory=list)  # as submitted, kept for replay
+    groups: list[GroupBatch] = field(default_factory=list)
+    webhook_url: str | None = None
+    job_id: str = field(default_factory=lambda: f"job-{uuid.uuid4().hex[:16]}")
+    state: JobState = JobState.QUEUED
+    steps_done: int = 0
+    total_steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    adapter_version: int | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    cancel_requested: bool = False
+
+    def status(self) -> dict:
+        progress = 1.0 if self.state == JobState.COMPLETED else (self.steps_done / self.total_steps if self.total_steps else 0.0)
+        return {
+            "job_id": self.job_id,
+            "job_type": self.job_type,
+            "state": self.state.value,
+            "progress": round(progress, 4),
+            "current_loss": self.losses[-1] if self.losses else None,
+            "losses": list(self.losses),
+            "adapter": self.adapter,
+            "adapter_version": self.adapter_version,
+            "error": self.error,
+            "notes": list(self.notes),
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+        }
+
+
+class TrainingService:
+    def __init__(
+        self,
+        trainer: Trainer,
+        store: AdapterStore,
+        publish: Callable[[Publication], None],
+        max_queued_jobs: int = 16,
+        webhook_url: str | None = None,
+        base_model_name: str = "",
+        keep_finished_jobs: int = 200,
+    ):
+        self.trainer = trainer
+        self.store = store
+        self.publish = publish
+        self.max_queued_jobs = max_queued_jobs
+        self.webhook_url = webhook_url
+        self.base_model_name = base_model_name
+        self.keep_finished_jobs = keep_finished_jobs
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._worker = threading.Thread(target=self._run, name="kiln-trainer", daemon=True)
+        self.step_times: list[tuple[float, int]] = []  # (seconds, tokens) of recent steps
+
+    def start(self) -> None:
+        self._worker.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._queue.put(None)
+        self._worker.join(timeout)
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> Job:
+        validate_name(job.adapter)
+        with self._lock:
+            queued = sum(1 for j in self.jobs.values() if j.state == JobState.QUEUED)
+            if queued >= self.max_queued_jobs:
+                raise QueueFull(f"{queued} jobs are queued (limit {self.max_queued_jobs})")
+            self.jobs[job.job_id] = job
+            self._forget_old_jobs()
+        self._queue.put(job)
+        log.info("%s queued: %s on adapter %r", job.job_id, job.job_type, job.adapter)
+        return job
+
+    def cancel(self, job_id: str) -> dict:
+        """Cancel a queued job at once, or a running one at its next step."""
+        job = self._job(job_id)
+        with self._lock:
+            if job.state == JobState.QUEUED:
+                self._finish(job, JobState.CANCELLED)
+            elif job.state == JobState.RUNNING:
+                job.cancel_requested = True
+        return job.status()
+
+    def status(self, job_id: str) -> dict:
+        return self._job(job_id).status()
+
+    def list_jobs(self) -> list[dict]:
+        return [j.status() for j in self.jobs.values()]
+
+    def queued(self) -> list[dict]:
+        return [j.status() for j in self.jobs.values() if j.state in (JobState.QUEUED, JobState.RUNNING)]
+
+    def _job(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise JobNotFound(f"no training job {job_id!r}")
+        return job
+
+    def _forget_old_jobs(self) -> None:
+        finished = [j for j in self.jobs.values() if j.finished_at is not None]
+        for job in finished[: max(0, len(finished) - self.keep_finished_jobs)]:
+            del self.jobs[job.job_id]
+
+    # -- the worker ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if job.state != JobState.QUEUED:  # cancelled while queued
+                continue
+            self._run_job(job)
+
+    def _run_job(self, job: Job) -> None:
+        with self._lock:
+            job.state, job.started_at = JobState.RUNNING, time.time()
+            job.total_steps = job.config.epochs or job.config.steps
+        log.info("%s running", job.job_id)
+        try:
+            result = self._train(job)
+        except JobCancelled:
+            self._finish(job, JobState.CANCELLED)
+            return
+        except Exception as error:  # noqa: BLE001 - a job failure must not stop the queue
+            log.exception("%s failed", job.job_id)
+            job.error = f"{type(error).__name__}: {error}"
+            self._finish(job, JobState.FAILED)
+            return
+        job.notes.extend(result.notes)
+        try:
+            if result.steps:
+                job.adapter_version = self._save(job, result)
+            elif job.job_type == "grpo":
+                job.notes.append("no group had differing rewards: nothing was trained, no new version")
+        except Exception as error:  # noqa: BLE001 - e.g. a full disk: the old version stays current
+            log.exception("%s could not save its adapter", job.job_id)
+            job.error = f"saving the adapter failed: {error}"
+            self._finish(job, JobState.FAILED)
+            return
+        self._finish(job, JobState.COMPLETED)
+
+    def _train(self, job: Job) -> TrainResult:
+        start, optimizer_state = None, None
+        if not job.config.from_scratch and self.store.exists(job.adapter):
+            current = self.store.load_version(job.adapter)
+            start, optimizer_state = LoraWeights.from_peft(current.tensors, current.config), current.optimizer_state
+        hooks = dict(on_step=lambda r: self._on_step(job, r), should_stop=lambda: job.cancel_requested,
+                     on_publish=lambda w, step: self._publish_intermediate(job, w, step))
+        if job.job_type == "sft":
+            replay = [] if job.config.replay_per_step == 0 else self._replay_pool(job.adapter)
+            return self.trainer.run_sft(job.examples, job.config, start, optimizer_state, replay, **hooks)
+        return self.trainer.run_grpo(job.groups, job.config, start, optimizer_state, **hooks)
+
+    def _replay_pool(self, name: str) -> list[TokenizedExample]:
+        if not self.store.exists(name):
+            return []
+        return [TokenizedExample(e["input_ids"], e["loss_mask"]) for e in self.store.load_examples(name) if "input_ids" in e]
+
+    def _on_step(self, job: Job, report: StepReport) -> None:
+        job.steps_done = report.step
+        job.total_steps = report.total_steps
+        job.losses.append(round(report.loss, 6))
+        self.step_times = (self.step_times + [(report.seconds, report.tokens)])[-50:]
+
+    def _publish_intermediate(self, job: Job, weights: LoraWeights, step: int) -> None:
+        tensors, config = weights.to_peft(self.base_model_name)
+        version = self.store.save_version(job.adapter, tensors, config, parent=self._current(job.adapter),
+                                          job_id=job.job_id, metrics={"step": step, "loss": job.losses[-1]})
+        job.adapter_version = version
+        self.publish(Publication(job.adapter, version, weights, job_id=job.job_id))
+
+    def _save(self, job: Job, result: TrainResult) -> int:
+        tensors, config = result.weights.to_peft(self.base_model_name)
+        parent = self._current(job.adapter)
+        metrics = {"final_loss": result.losses[-1] if result.losses else None, "steps": result.steps,
+                   "stopped_early": result.stopped_early}
+        version = self.store.save_version(job.adapter, tensors, config, parent=parent, job_id=job.job_id,
+                                          metrics=metrics, optimizer_state=result.optimizer_state)
+        if job.job_type == "sft":
+            self.store.append_examples(job.adapter, [
+                {"messages": raw.get("messages"), "input_ids": ex.input_ids, "loss_mask": ex.loss_mask, "job_id": job.job_id}
+                for raw, ex in zip(job.raw_examples, job.examples)
+            ])
+        self.publish(Publication(job.adapter, version, result.weights, activate=job.activate, job_id=job.job_id))
+        return version
+
+    def _finish(self, job: Job, state: JobState) -> None:
+        job.state, job.finished_at = state, time.time()
+        log.info("%s %s%s", job.job_id, state.value, f": {job.error}" if job.error else "")
+        url = job.webhook_url or self.webhook_url
+        if url:
+            threading.Thread(target=_post_webhook, args=(url, job.status()), daemon=True).start()
+
+    # -- adapter administration (the store's writes) -------------------------------------------
+
+    def publish_stored(self, name: str, version: int | None = None, activate: bool = False) -> int:
+        """Serve a version that is already in the store (current by default)."""
+        v = self.store.load_version(name, version)
+        self.publish(Publication(name, v.version, LoraWeights.from_peft(v.tensors, v.config), activate=activate))
+        return v.version
+
+    def rollback(self, name: str, version: int) -> int:
+        """Make an existing version current again, in the store and in the engine."""
+        self.store.set_current(name, version)
+        return self.publish_stored(name, version)
+
+    def delete(self, name: str) -> None:
+        if not self.store.exists(name):
+            raise AdapterNotFound(f"adapter {name!r} does not exist")
+        self.store.delete(name)
+
+    def save_and_publish(self, name: str, tensors: dict, config: dict, activate: bool = False) -> int:
+        """Store a new version built elsewhere (a merge) and serve it."""
+        version = self.store.save_version(name, tensors, config, parent=self._current(name))
+        return self.publish_stored(name, version, activate)
+
+
+    def _current(self, name: str) -> int | None:
+        return self.store.current_version(name) if self.store.exists(name) else None
+
+
+def _post_webhook(url: str, body: dict) -> None:
+    import httpx
+
+    try:
+        response = httpx.post(url, json=body, timeout=5.0, follow_redirects=False)
+        if response.status_code >= 300:
+            log.warning("webhook %s answered %d for %s", url, response.status_code, body["job_id"])
+    except httpx.HTTPError as error:
+        log.warning("webhook %s failed for %s: %s", url, body["job_id"], error)
