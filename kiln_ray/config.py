@@ -66,6 +66,26 @@ class DeployConfig(_Frozen):
     health_check_timeout_s: float = Field(30.0, gt=0)
 
 
+class TrainingConfig(_Frozen):
+    """The trainer actor and the defaults of a training job (a request may override them)."""
+
+    enabled: bool = Field(True, description="run a trainer beside each engine")
+    max_queued_jobs: int = Field(16, ge=1, description="queued jobs past which submissions get 503")
+    num_threads: int = Field(1, ge=1, description="torch threads of the trainer (it shares the device)")
+    warm_up: bool = Field(True, description="run one throwaway step at start, not on the first job")
+    gradient_checkpointing: bool = True
+    webhook_url: str | None = Field(None, description="POST job status here on completion/failure")
+    learning_rate: float = Field(3e-4, gt=0)
+    steps: int = Field(12, ge=1, description="optimizer steps of a job")
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: float = Field(32.0, gt=0)
+    replay_per_step: int = Field(1, ge=0, description="earlier examples of the adapter mixed into each step")
+    early_stop_loss: float | None = Field(0.05, ge=0, description="stop a job once its examples' loss is below this")
+    kl_coeff: float = Field(0.04, ge=0, description="GRPO: weight of the KL to the base model")
+    clip_epsilon: float = Field(0.2, gt=0, description="GRPO: ratio clipping")
+    upload_max_bytes: int = Field(256 << 20, ge=1, description="largest adapter upload accepted")
+
+
 class KilnConfig(_Frozen):
     model: str = Field("default", description="'default' (embedded SmolLM2-135M-Instruct), an HF directory or a .gguf file")
     dtype: DType = Field("auto", description="weights and activations; auto = bfloat16")
@@ -78,7 +98,16 @@ class KilnConfig(_Frozen):
     num_threads: int | None = Field(None, ge=1, description="torch threads of the engine (default: all cores)")
     request_timeout_s: float = Field(600.0, gt=0, description="a generation request fails with 504 after this")
     engine: EngineConfig = EngineConfig()
+    training: TrainingConfig = TrainingConfig()
     deploy: DeployConfig = DeployConfig()
+
+    @property
+    def adapter_dir(self) -> Path:
+        return Path(self.home) / "adapters"
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.home) / "state"
 
     def torch_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.dtype == "auto" else _TORCH_DTYPES[self.dtype]

@@ -4,25 +4,35 @@ DeploymentHandle, lives in kiln_ray/api/ingress.py."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from kiln_ray.engine.async_engine import AsyncLLMEngine, GenerateRequest
+from kiln_ray.engine.async_engine import GenerateRequest
 from kiln_ray.engine.request import RequestOutput
+from kiln_ray.node import AdapterChoice, ServingNode
+
+# ServingNode methods the ingress may call (admin, adapters, training).
+NODE_METHODS = frozenset({
+    "adapter_listing", "load", "unload", "delete", "download", "train_submit", "train_status", "train_jobs",
+    "train_queue", "train_cancel", "train_rollback", "train_import", "train_merge",
+})
 
 
 class EngineClient(Protocol):
-    def generate(self, request: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
+    def generate(self, request: GenerateRequest, choice: AdapterChoice) -> AsyncIterator[list[RequestOutput]]:
         """Outputs in batches until every sequence finished; leaving early aborts."""
 
-    async def abort(self, request_id: str) -> None: ...
+    async def call(self, method: str, *args):
+        """One of NODE_METHODS on the engine's ServingNode."""
 
     async def info(self) -> dict:
         """Static facts (model, dtype, device, limits) and live stats of the engine."""
 
 
-def engine_info(engine: AsyncLLMEngine, model_name: str) -> dict:
+def engine_info(node: ServingNode, model_name: str) -> dict:
     """What /health and /v1/models report about an engine (plain JSON-able values)."""
+    engine = node.engine
     e = engine.engine
     stats = engine.stats()
     return {
@@ -47,21 +57,33 @@ def engine_info(engine: AsyncLLMEngine, model_name: str) -> dict:
         "last_batch_seqs": stats.last_batch_seqs,
         "last_batch_tokens": stats.last_batch_tokens,
         "peak_batch_seqs": stats.peak_batch_seqs,
+        "adapters_resident": e.adapters.listing(),
+        "adapter_swaps": e.adapters.num_swaps,
+        "default_adapter": node.default_adapter,
+        "training": node.training is not None,
     }
 
 
 class LocalEngineClient:
-    """The engine in this process."""
+    """The engine (a ServingNode) in this process."""
 
-    def __init__(self, engine: AsyncLLMEngine, model_name: str):
-        self.engine = engine
+    def __init__(self, node: ServingNode, model_name: str):
+        self.node = node
         self.model_name = model_name
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
-        return self.engine.generate(request)
+    def generate(self, request: GenerateRequest, choice: AdapterChoice) -> AsyncIterator[list[RequestOutput]]:
+        return self.node.generate(request, choice)
 
-    async def abort(self, request_id: str) -> None:
-        self.engine.abort(request_id)
+    async def call(self, method: str, *args):
+        return await call_node(self.node, method, *args)
 
     async def info(self) -> dict:
-        return engine_info(self.engine, self.model_name)
+        return engine_info(self.node, self.model_name)
+
+
+async def call_node(node: ServingNode, method: str, *args):
+    """Run a whitelisted ServingNode method, awaiting it if it is a coroutine."""
+    if method not in NODE_METHODS:
+        raise ValueError(f"unknown engine method {method!r}")
+    result = getattr(node, method)(*args)
+    return await result if inspect.isawaitable(result) else result

@@ -22,6 +22,10 @@ from kiln_ray.api.engine_client import EngineClient
 from kiln_ray.api.errors import APIError, install_error_handlers
 from kiln_ray.api.generation import ChoiceText, Delta
 from kiln_ray.api.schemas import BatchCompletionRequest, ChatCompletionRequest, CompletionRequest, SamplingFields
+from kiln_ray.api.training_routes import call, install_training_routes
+from kiln_ray.adapters.store import AdapterNotFound, InvalidAdapterName, parse_ref
+from kiln_ray.engine.adapter_manager import AdapterNotLoaded, AdapterSlotsFull
+from kiln_ray.node import AdapterChoice
 from kiln_ray.config import KilnConfig
 from kiln_ray.engine.async_engine import EngineDeadError, GenerateRequest
 from kiln_ray.engine.engine import EngineFullError
@@ -88,6 +92,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     app.post("/v1/chat/completions")(api.chat_completions)
     app.post("/v1/completions")(api.completions)
     app.post("/v1/completions/batch")(api.batch_completions)
+    install_training_routes(app, ctx)
     return app
 
 
@@ -112,23 +117,21 @@ class _Routes:
         return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models(self) -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.ctx.model_name,
-                    "object": "model",
-                    "created": int(self.ctx.started),
-                    "owned_by": "kiln-ray",
-                    "max_model_len": self.ctx.max_model_len,
-                }
-            ],
-        }
+        base = {"id": self.ctx.model_name, "object": "model", "created": int(self.ctx.started),
+                "owned_by": "kiln-ray", "max_model_len": self.ctx.max_model_len}
+        listing = await call(self.ctx, "adapter_listing")
+        adapters = [
+            {"id": a["name"], "object": "model", "created": int(a["versions"][-1]["created_at"]) if a["versions"] else 0,
+             "owned_by": "kiln-ray", "parent": self.ctx.model_name, "root": self.ctx.model_name,
+             "current_version": a["current_version"], "default": a["default"]}
+            for a in listing["adapters"]
+        ]
+        return {"object": "list", "data": [base, *adapters]}
 
     # -- generation ----------------------------------------------------------------------------
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        self._check_model(body.model)
+        choice = self._choice(body)
         use_tools = bool(body.tools) and body.tool_choice != "none"
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if use_tools else None
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
@@ -140,7 +143,7 @@ class _Routes:
         created = int(time.time())
         model = body.model or self.ctx.model_name
         timing = _Timing()
-        first, deltas = await self._start(GenerateRequest(rid, prompt, params), choices, timing)
+        first, deltas = await self._start(GenerateRequest(rid, prompt, params), choice, choices, timing)
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -150,7 +153,7 @@ class _Routes:
         return fmt.chat_completion(rid, created, model, choices, body.logprobs, len(prompt))
 
     async def completions(self, body: CompletionRequest, request: Request):
-        self._check_model(body.model)
+        choice = self._choice(body)
         prompts = [self._encode_prompt(p) for p in body.prompts]
         created = int(time.time())
         model = body.model or self.ctx.model_name
@@ -164,7 +167,8 @@ class _Routes:
             runs.append((prompt, params, choices))
         prefix = [self.tok.decode(p, skip_special_tokens=body.skip_special_tokens) if body.echo else "" for p, _, _ in runs]
         started = await asyncio.gather(
-            *(self._start(GenerateRequest(f"{rid}-{i}", p, params), choices, _Timing()) for i, (p, params, choices) in enumerate(runs)),
+            *(self._start(GenerateRequest(f"{rid}-{i}", p, params), choice, choices, _Timing())
+              for i, (p, params, choices) in enumerate(runs)),
             return_exceptions=True,
         )
         await _raise_first_refusal(started)
@@ -190,7 +194,7 @@ class _Routes:
     async def batch_completions(self, body: BatchCompletionRequest, request: Request):
         """prompts x n completions in one engine batch; prompt p's completion i is sampled with
         seed + p * n + i when a seed is given."""
-        self._check_model(body.model)
+        choice = self._choice(body)
         rid = f"batch-{uuid.uuid4().hex}"
         runs = []
         for p_idx, messages in enumerate(body.prompts):
@@ -201,7 +205,7 @@ class _Routes:
             runs.append((prompt, params, choices))
         timing = _Timing()
         started = await asyncio.gather(
-            *(self._start(GenerateRequest(f"{rid}-{i}", p, params), c, timing) for i, (p, params, c) in enumerate(runs)),
+            *(self._start(GenerateRequest(f"{rid}-{i}", p, params), choice, c, timing) for i, (p, params, c) in enumerate(runs)),
             return_exceptions=True,
         )
         await _raise_first_refusal(started)
@@ -226,9 +230,21 @@ class _Routes:
 
     # -- pieces --------------------------------------------------------------------------------
 
-    def _check_model(self, model: str | None) -> None:
-        if model not in (None, "", self.ctx.model_name, "default"):
-            raise APIError(404, f"model {model!r} does not exist (served: {self.ctx.model_name!r})", "model", "model_not_found")
+    def _choice(self, body: SamplingFields) -> AdapterChoice:
+        """Which weights serve a request: `adapters` (a composition), `adapter`, `model` naming
+        an adapter (name or name@version), the default adapter when no model is named
+        ("default" or empty), else the base model."""
+        try:
+            if body.adapters:
+                return AdapterChoice(compose=tuple((*parse_ref(a.name), a.scale) for a in body.adapters))
+            ref = body.adapter or (body.model if body.model not in (None, "", "default", self.ctx.model_name) else None)
+            if ref is not None:
+                name, version = parse_ref(ref)
+                return AdapterChoice(name, version)
+        except InvalidAdapterName:
+            raise APIError(404, f"model {body.model!r} does not exist (served: {self.ctx.model_name!r} and its "
+                                "adapters, see /v1/models)", "model", "model_not_found") from None
+        return AdapterChoice(use_default=body.model in (None, "", "default"))
 
     def _render(self, messages: list[dict], tools: list[dict] | None, kwargs: dict | None) -> list[int]:
         try:
@@ -287,15 +303,19 @@ class _Routes:
             raise APIError(400, str(error)) from None
 
     async def _start(
-        self, gen: GenerateRequest, choices: list[ChoiceText], timing: _Timing
+        self, gen: GenerateRequest, choice: AdapterChoice, choices: list[ChoiceText], timing: _Timing
     ) -> tuple[list[Delta] | None, AsyncIterator[list[Delta]]]:
         """Submit and wait for the first batch, so a refusal is an HTTP error rather than a
         broken stream. Returns (first deltas or None, the rest)."""
-        deltas = self._deltas(gen, choices, timing)
+        deltas = self._deltas(gen, choice, choices, timing)
         try:
             first = await deltas.__anext__()
         except StopAsyncIteration:
             return None, deltas
+        except (AdapterNotFound, AdapterNotLoaded) as error:
+            raise APIError(404, f"{_message(error)} (see /v1/models)", "model", "model_not_found") from None
+        except AdapterSlotsFull as error:
+            raise APIError(503, _message(error), code="adapter_slots_full", headers={"Retry-After": "1"}) from None
         except EngineFullError as error:
             raise APIError(429, f"the server is busy ({_message(error)}); retry shortly", code="rate_limit_exceeded",
                            headers={"Retry-After": "1"}) from None
@@ -305,11 +325,13 @@ class _Routes:
             raise APIError(400, _message(error)) from None
         return first, deltas
 
-    async def _deltas(self, gen: GenerateRequest, choices: list[ChoiceText], timing: _Timing) -> AsyncIterator[list[Delta]]:
+    async def _deltas(
+        self, gen: GenerateRequest, choice: AdapterChoice, choices: list[ChoiceText], timing: _Timing
+    ) -> AsyncIterator[list[Delta]]:
         """Engine batches -> per-choice deltas; ends (aborting the engine request) once every
         choice has finished, e.g. on stop strings."""
         metrics = self.ctx.metrics
-        async with aclosing(self.ctx.engine.generate(gen)) as stream:
+        async with aclosing(self.ctx.engine.generate(gen, choice)) as stream:
             async for batch in stream:
                 now = time.perf_counter()
                 tokens = sum(len(o.new_token_ids) for o in batch)

@@ -65,6 +65,8 @@ class SamplingFields(_Body):
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     skip_special_tokens: bool = True
+    adapter: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}(@[1-9][0-9]*)?$", description="Kiln: an adapter name[@version]")
+    adapters: list["AdapterWeight"] | None = Field(None, min_length=1, max_length=4, description="compose adapters")
 
     @field_validator("stop")
     @classmethod
@@ -165,3 +167,93 @@ class BatchCompletionRequest(SamplingFields):
         if len(self.prompts) * self.n > MAX_BATCH_COMPLETIONS:
             raise ValueError(f"prompts x n must be <= {MAX_BATCH_COMPLETIONS} (got {len(self.prompts) * self.n})")
         return self
+
+
+# -- training (Kiln's request shapes, extended) ------------------------------------------------
+
+ADAPTER_NAME = r"^[A-Za-z0-9._-]{1,64}$"
+MAX_TRAIN_EXAMPLES = 256
+MAX_GRPO_GROUPS = 64
+
+
+class TrainJobConfig(_Body):
+    """Per-job settings; absent fields take the server's defaults."""
+
+    output_name: str | None = Field(None, pattern=ADAPTER_NAME, description="Kiln's name for `adapter`")
+    epochs: int | None = Field(None, ge=1, le=1000)
+    steps: int | None = Field(None, ge=1, le=1000)
+    learning_rate: float | None = Field(None, gt=0, le=1.0)
+    lora_rank: int | None = Field(None, ge=1, le=256)
+    lora_alpha: float | None = Field(None, gt=0)
+    from_scratch: bool = False
+    activate: bool = False
+    publish_every: int | None = Field(None, ge=1)
+    replay_per_step: int | None = Field(None, ge=0, le=64)
+    early_stop_loss: float | None = Field(None, ge=0)
+    max_grad_norm: float | None = Field(None, gt=0)
+    kl_coeff: float | None = Field(None, ge=0)
+    clip_epsilon: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    webhook_url: str | None = Field(None, pattern=r"^https?://")
+
+
+class SftExample(_Body):
+    messages: list[ChatMessage] = Field(min_length=2)
+
+
+class SftRequest(_Body):
+    adapter: str | None = Field(None, pattern=ADAPTER_NAME)
+    examples: list[SftExample] = Field(min_length=1, max_length=MAX_TRAIN_EXAMPLES)
+    config: TrainJobConfig = TrainJobConfig()
+
+
+class GrpoCompletion(_Body):
+    text: str
+    reward: float
+
+
+class GrpoGroup(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+    completions: list[GrpoCompletion] = Field(min_length=2, max_length=64)
+
+
+class GrpoRequest(_Body):
+    adapter: str | None = Field(None, pattern=ADAPTER_NAME)
+    groups: list[GrpoGroup] = Field(min_length=1, max_length=MAX_GRPO_GROUPS)
+    config: TrainJobConfig = TrainJobConfig()
+
+
+# -- adapters ------------------------------------------------------------------------------------
+
+
+class AdapterRefBody(_Body):
+    name: str = Field(pattern=ADAPTER_NAME)
+    version: int | None = Field(None, ge=1)
+
+
+class RollbackRequest(_Body):
+    version: int = Field(ge=1)
+
+
+class MergeSource(_Body):
+    name: str = Field(pattern=ADAPTER_NAME)
+    version: int | None = Field(None, ge=1)
+    weight: float = 1.0
+
+
+class MergeRequest(_Body):
+    name: str = Field(pattern=ADAPTER_NAME, description="the merged adapter's name")
+    adapters: list[MergeSource] = Field(min_length=2, max_length=8)
+    method: Literal["weighted_average", "ties", "concat"] = "weighted_average"
+    density: float = Field(0.5, gt=0, le=1)
+
+
+class AdapterWeight(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}(@[1-9][0-9]*)?$")
+    scale: float = Field(1.0, ge=-10, le=10)
+
+
+SamplingFields.model_rebuild()
+ChatCompletionRequest.model_rebuild()
+CompletionRequest.model_rebuild()
+BatchCompletionRequest.model_rebuild()

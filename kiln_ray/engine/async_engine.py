@@ -124,6 +124,16 @@ class AsyncLLMEngine:
         """Abort a request (thread-safe, non-blocking); unknown ids are ignored."""
         self._submit(("abort", request_id))
 
+    async def call(self, fn: Callable, *args):
+        """Run fn(engine, *args) on the loop thread between two steps and return its result
+        (or raise its exception): how adapters are loaded and swapped without racing a step."""
+        if self._error is not None or not self._thread.is_alive():
+            raise EngineDeadError(f"the engine loop has stopped: {self._error!r}")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._submit(("call", fn, args, loop, done))
+        return await done
+
     def stats(self) -> EngineStats:
         """A snapshot taken after the latest step."""
         return self._stats
@@ -180,6 +190,14 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return drained
             drained = True
+            if command[0] == "call":
+                _, fn, args, loop, done = command
+                try:
+                    result, error = fn(self.engine, *args), None
+                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                    result, error = None, exc
+                _call_soon(loop, _resolve, done, result, error)
+                continue
             if command[0] == "add":
                 _, request, stream, added = command
                 try:
@@ -188,9 +206,9 @@ class AsyncLLMEngine:
                         request.adapter, request.adapter_version,
                     )
                 except Exception as error:  # noqa: BLE001 - handed to the caller
-                    _call_soon(stream.loop, _settle, added, error)
+                    _call_soon(stream.loop, _resolve, added, None, error)
                     continue
-                if _call_soon(stream.loop, _settle, added, None):
+                if _call_soon(stream.loop, _resolve, added, None, None):
                     self._streams[request.request_id] = stream
                 else:  # the caller's event loop is gone: nobody will read this
                     self.engine.abort(request.request_id)
@@ -220,7 +238,9 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return
             if command[0] == "add":
-                _call_soon(command[2].loop, _settle, command[3], error)
+                _call_soon(command[2].loop, _resolve, command[3], None, error)
+            elif command[0] == "call":
+                _call_soon(command[3], _resolve, command[4], None, error)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
@@ -233,10 +253,11 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
         return False
 
 
-def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+def _resolve(future: asyncio.Future, result, error: BaseException | None) -> None:
     if future.cancelled():
         return
     if error is None:
-        future.set_result(None)
+        future.set_result(result)
     else:
         future.set_exception(error)
+

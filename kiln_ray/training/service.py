@@ -23,6 +23,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kiln_ray.adapters.archive import import_tar
+from kiln_ray.adapters.merge import merge_adapters
 from kiln_ray.adapters.store import AdapterNotFound, AdapterStore, validate_name
 from kiln_ray.model.lora import LoraWeights
 from kiln_ray.training.data import GroupBatch, TokenizedExample
@@ -292,6 +294,20 @@ class TrainingService:
         version = self.store.save_version(name, tensors, config, parent=self._current(name))
         return self.publish_stored(name, version, activate)
 
+
+    def import_archive(self, name: str, data: bytes, activate: bool = False) -> int:
+        """A new version from an uploaded tar.gz (checked for size, entries, paths, links)."""
+        version = import_tar(self.store, name, data)
+        return self.publish_stored(name, version, activate)
+
+    def merge(self, name: str, sources: list[tuple[str, int | None, float]], method: str, density: float = 0.5) -> int:
+        """A new adapter (or version) from weighted stored adapters: weighted_average | ties | concat."""
+        inputs = []
+        for source, version, weight in sources:
+            v = self.store.load_version(source, version)
+            inputs.append((v.tensors, v.config, float(weight)))
+        tensors, config = merge_adapters(inputs, method, density)
+        return self.save_and_publish(name, tensors, config)
 
     def _current(self, name: str) -> int | None:
         return self.store.current_version(name) if self.store.exists(name) else None

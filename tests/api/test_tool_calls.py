@@ -32,7 +32,7 @@ class ScriptedEngine:
         self.ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         self.requests = []
 
-    async def generate(self, request):
+    async def generate(self, request, choice):
         self.requests.append(request)
         for i in range(0, len(self.ids), 3):
             chunk = self.ids[i:i + 3]
@@ -40,8 +40,8 @@ class ScriptedEngine:
             yield [RequestOutput(request.request_id, 0, chunk, "stop" if done else None,
                                  num_prompt_tokens=len(request.prompt_token_ids), num_output_tokens=min(i + 3, len(self.ids)))]
 
-    async def abort(self, request_id):
-        pass
+    async def call(self, method, *args):
+        return {"adapters": [], "default_adapter": None}
 
     async def info(self):
         return {"alive": True}

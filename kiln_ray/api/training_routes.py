@@ -1,0 +1,202 @@
+"""Training and adapter routes (Kiln-compatible names and shapes, extended).
+
+    POST   /v1/train/sft                 {adapter, examples: [{messages}], config} -> {job_id, state, adapter}
+    POST   /v1/train/grpo                {adapter, groups: [{messages, completions: [{text, reward}]}], config}
+    GET    /v1/train/status[/{job_id}]   job status (state, progress, losses, adapter_version, ...)
+    GET    /v1/train/queue               queued and running jobs
+    DELETE /v1/train/queue/{job_id}      cancel a queued or running job
+    GET    /v1/adapters                  stored adapters, their versions, what is served
+    POST   /v1/adapters/load | unload    make an adapter (version) resident / stop serving it
+    DELETE /v1/adapters/{name}           unload and delete from the store
+    POST   /v1/adapters/{name}/rollback  serve an earlier version again
+    POST   /v1/adapters/upload           multipart: file (PEFT tar.gz), name, activate
+    GET    /v1/adapters/{name}/download  tar.gz of a version (PEFT format)
+    POST   /v1/adapters/merge            weighted_average | ties | concat into a new adapter
+
+The ingress tokenizes training data and builds the loss masks here; the trainer only sees
+token ids.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import FastAPI, File, Form, UploadFile
+from fastapi.responses import Response
+
+from kiln_ray.adapters.archive import UnsafeArchive
+from kiln_ray.adapters.store import AdapterNotFound, AdapterStoreError, InvalidAdapter, InvalidAdapterName, validate_name
+from kiln_ray.api.errors import APIError
+from kiln_ray.api.schemas import AdapterRefBody, GrpoRequest, MergeRequest, RollbackRequest, SftRequest, TrainJobConfig
+from kiln_ray.engine.adapter_manager import AdapterSlotsFull
+from kiln_ray.node import TrainingDisabled
+from kiln_ray.training.data import TrainingDataError, grpo_group, sft_example
+from kiln_ray.training.service import Job, JobNotFound, QueueFull
+from kiln_ray.training.trainer import TrainConfig
+
+
+def install_training_routes(app: FastAPI, ctx) -> None:
+    routes = _TrainingRoutes(ctx)
+    app.post("/v1/train/sft")(routes.sft)
+    app.post("/v1/train/grpo")(routes.grpo)
+    app.get("/v1/train/status")(routes.all_status)
+    app.get("/v1/train/status/{job_id}")(routes.status)
+    app.get("/v1/train/queue")(routes.queue)
+    app.delete("/v1/train/queue/{job_id}")(routes.cancel)
+    app.get("/v1/adapters")(routes.adapters)
+    app.post("/v1/adapters/load")(routes.load)
+    app.post("/v1/adapters/unload")(routes.unload)
+    app.post("/v1/adapters/upload")(routes.upload)
+    app.post("/v1/adapters/merge")(routes.merge)
+    app.delete("/v1/adapters/{name}")(routes.delete)
+    app.post("/v1/adapters/{name}/rollback")(routes.rollback)
+    app.get("/v1/adapters/{name}/download")(routes.download)
+
+
+async def call(ctx, method: str, *args):
+    """A ServingNode method through the engine client, with errors mapped to HTTP."""
+    try:
+        return await ctx.engine.call(method, *args)
+    except (AdapterNotFound, JobNotFound) as error:
+        raise APIError(404, _text(error), code="not_found") from None
+    except QueueFull as error:
+        raise APIError(503, _text(error), code="queue_full", headers={"Retry-After": "5"}) from None
+    except AdapterSlotsFull as error:
+        raise APIError(503, _text(error), code="adapter_slots_full", headers={"Retry-After": "1"}) from None
+    except TrainingDisabled as error:
+        raise APIError(503, _text(error), code="training_disabled") from None
+    except (UnsafeArchive, InvalidAdapter, InvalidAdapterName) as error:
+        raise APIError(400, _text(error), code="invalid_adapter") from None
+    except AdapterStoreError as error:
+        raise APIError(500, _text(error), code="adapter_store_error") from None
+    except ValueError as error:
+        raise APIError(400, _text(error)) from None
+
+
+def _text(error: BaseException) -> str:
+    cause = getattr(error, "cause", None) or error
+    return str(cause)
+
+
+class _TrainingRoutes:
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    async def sft(self, body: SftRequest) -> dict:
+        name = self._adapter_name(body.adapter, body.config, "sft")
+        examples, raw = [], []
+        for i, ex in enumerate(body.examples):
+            messages = [m.model_dump(exclude_none=True) for m in ex.messages]
+            try:
+                examples.append(sft_example(self.ctx.tokenizer, messages, max_len=self.ctx.max_model_len))
+            except TrainingDataError as error:
+                raise APIError(400, f"examples[{i}]: {error}", f"examples.{i}.messages") from None
+            raw.append({"messages": messages})
+        job = Job("sft", name, self._train_config(body.config), activate=body.config.activate,
+                  examples=examples, raw_examples=raw, webhook_url=body.config.webhook_url)
+        return self._accepted(await call(self.ctx, "train_submit", job))
+
+    async def grpo(self, body: GrpoRequest) -> dict:
+        name = self._adapter_name(body.adapter, body.config, "grpo")
+        groups = []
+        for i, group in enumerate(body.groups):
+            messages = [m.model_dump(exclude_none=True) for m in group.messages]
+            try:
+                groups.append(grpo_group(self.ctx.tokenizer, messages, [c.text for c in group.completions],
+                                         [c.reward for c in group.completions]))
+            except TrainingDataError as error:
+                raise APIError(400, f"groups[{i}]: {error}", f"groups.{i}") from None
+        job = Job("grpo", name, self._train_config(body.config), activate=body.config.activate, groups=groups,
+                  webhook_url=body.config.webhook_url)
+        return self._accepted(await call(self.ctx, "train_submit", job))
+
+    async def all_status(self) -> dict:
+        return {"jobs": await call(self.ctx, "train_jobs")}
+
+    async def status(self, job_id: str) -> dict:
+        return await call(self.ctx, "train_status", job_id)
+
+    async def queue(self) -> dict:
+        return {"jobs": await call(self.ctx, "train_queue")}
+
+    async def cancel(self, job_id: str) -> dict:
+        return await call(self.ctx, "train_cancel", job_id)
+
+    def _adapter_name(self, adapter: str | None, config: TrainJobConfig, kind: str) -> str:
+        name = adapter or config.output_name or f"{kind}-{uuid.uuid4().hex[:8]}"
+        try:
+            return validate_name(name)
+        except InvalidAdapterName as error:
+            raise APIError(400, str(error), "adapter") from None
+
+    def _train_config(self, body: TrainJobConfig) -> TrainConfig:
+        d = self.ctx.config.training
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        return TrainConfig(
+            learning_rate=pick(body.learning_rate, d.learning_rate),
+            steps=pick(body.steps, d.steps),
+            epochs=body.epochs,
+            lora_rank=pick(body.lora_rank, d.lora_rank),
+            lora_alpha=pick(body.lora_alpha, d.lora_alpha),
+            targets=tuple(self.ctx.config.engine.lora_targets),
+            from_scratch=body.from_scratch,
+            replay_per_step=pick(body.replay_per_step, d.replay_per_step),
+            early_stop_loss=body.early_stop_loss if body.early_stop_loss is not None else d.early_stop_loss,
+            max_grad_norm=pick(body.max_grad_norm, 1.0),
+            publish_every=body.publish_every,
+            kl_coeff=pick(body.kl_coeff, d.kl_coeff),
+            clip_epsilon=pick(body.clip_epsilon, d.clip_epsilon),
+            seed=pick(body.seed, 0),
+        )
+
+    @staticmethod
+    def _accepted(status: dict) -> dict:
+        return {"job_id": status["job_id"], "state": status["state"], "adapter": status["adapter"]}
+
+    # -- adapters ------------------------------------------------------------------------------
+
+    async def adapters(self) -> dict:
+        return await call(self.ctx, "adapter_listing")
+
+    async def load(self, body: AdapterRefBody) -> dict:
+        return await call(self.ctx, "load", body.name, body.version)
+
+    async def unload(self, body: AdapterRefBody) -> dict:
+        versions = await call(self.ctx, "unload", body.name)
+        return {"name": body.name, "unloaded_versions": versions}
+
+    async def delete(self, name: str) -> dict:
+        await call(self.ctx, "delete", self._name(name))
+        return {"name": name, "deleted": True}
+
+    async def rollback(self, name: str, body: RollbackRequest) -> dict:
+        version = await call(self.ctx, "train_rollback", self._name(name), body.version)
+        return {"name": name, "current_version": version}
+
+    async def upload(self, file: UploadFile = File(...), name: str = Form(...), activate: bool = Form(False)) -> dict:
+        limit = self.ctx.config.training.upload_max_bytes
+        data = await file.read(limit + 1)
+        if len(data) > limit:
+            raise APIError(413, f"the upload is larger than {limit} bytes", "file", "upload_too_large")
+        version = await call(self.ctx, "train_import", self._name(name), data, activate)
+        return {"name": name, "version": version}
+
+    async def download(self, name: str, version: int | None = None) -> Response:
+        data = await call(self.ctx, "download", self._name(name), version)
+        suffix = f"-v{version}" if version else ""
+        return Response(data, media_type="application/gzip",
+                        headers={"Content-Disposition": f'attachment; filename="{name}{suffix}.tar.gz"'})
+
+    async def merge(self, body: MergeRequest) -> dict:
+        sources = [(s.name, s.version, s.weight) for s in body.adapters]
+        version = await call(self.ctx, "train_merge", body.name, sources, body.method, body.density)
+        return {"name": body.name, "version": version, "method": body.method}
+
+    @staticmethod
+    def _name(name: str) -> str:
+        try:
+            return validate_name(name)
+        except InvalidAdapterName as error:
+            raise APIError(400, str(error), "name") from None

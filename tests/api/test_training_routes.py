@@ -1,0 +1,194 @@
+"""Training and adapter routes in process (routes + ServingNode + a local trainer on a tiny
+random model, no Ray): jobs, versions, the default adapter, rollback, download/upload,
+merge, delete, and the errors."""
+
+import io
+import tarfile
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.api.server import MODEL_NAME, make_app, wait_idle
+
+CONV = [{"role": "user", "content": "Who built the Zorblatt tower?"},
+        {"role": "assistant", "content": "Edda Brask built it."}]
+ASK = [{"role": "user", "content": "Who built the Zorblatt tower?"}]
+FAST = {"steps": 4, "learning_rate": 0.01, "early_stop_loss": None}
+
+
+@pytest.fixture(scope="module")
+def app(tiny_smol_dir, tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    app, engine = make_app(tiny_smol_dir, home=home, max_loras=3)
+    with TestClient(app) as client:
+        yield client, engine, home
+    engine.service.stop()
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(app):
+    return app[0]
+
+
+def wait_job(http, job_id, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = http.get(f"/v1/train/status/{job_id}").json()
+        if status["state"] in ("completed", "failed", "cancelled"):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(status)
+
+
+def answer(http, model=None, **extra):
+    body = {"messages": ASK, "max_tokens": 8, "temperature": 0, "ignore_eos": True, **extra}
+    if model is not None:
+        body["model"] = model
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def train(http, adapter, **config):
+    r = http.post("/v1/train/sft", json={"adapter": adapter, "examples": [{"messages": CONV}], "config": {**FAST, **config}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["state"] == "queued" and body["adapter"] == adapter
+    return wait_job(http, body["job_id"])
+
+
+def test_sft_job_creates_a_served_adapter_version(http):
+    base = answer(http, MODEL_NAME)
+    status = train(http, "tower")
+    assert status["state"] == "completed" and status["adapter_version"] == 1
+    assert status["job_type"] == "sft" and len(status["losses"]) == 4 and status["progress"] == 1.0
+    assert {m["id"] for m in http.get("/v1/models").json()["data"]} >= {MODEL_NAME, "tower"}
+    tuned = answer(http, "tower")
+    assert tuned != base
+    assert answer(http, MODEL_NAME) == base  # the base model is untouched
+    assert answer(http, adapter="tower") == tuned  # Kiln's `adapter` field
+
+
+def test_versions_continue_and_can_be_pinned_and_rolled_back(http):
+    first = answer(http, "tower@1")
+    status = train(http, "tower")
+    assert status["adapter_version"] == 2
+    second = answer(http, "tower")
+    assert answer(http, "tower@2") == second and answer(http, "tower@1") == first
+    listing = {a["name"]: a for a in http.get("/v1/adapters").json()["adapters"]}
+    assert listing["tower"]["current_version"] == 2
+    assert [v["version"] for v in listing["tower"]["versions"]] == [1, 2]
+    r = http.post("/v1/adapters/tower/rollback", json={"version": 1})
+    assert r.status_code == 200 and r.json()["current_version"] == 1
+    assert answer(http, "tower") == first
+
+
+def test_activate_makes_the_default_adapter(http):
+    base = answer(http, "default")
+    status = train(http, "greeter", activate=True)
+    assert status["state"] == "completed"
+    assert http.get("/v1/adapters").json()["default_adapter"] == "greeter"
+    assert answer(http, "default") == answer(http, "greeter") != base
+    assert answer(http, MODEL_NAME) == base  # naming the base model still gets the base model
+
+
+def test_download_then_upload_round_trip(http):
+    r = http.get("/v1/adapters/tower/download")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/gzip"
+    names = tarfile.open(fileobj=io.BytesIO(r.content)).getnames()
+    assert sorted(names) == ["adapter_config.json", "adapter_model.safetensors"]
+    up = http.post("/v1/adapters/upload", files={"file": ("a.tar.gz", r.content, "application/gzip")}, data={"name": "copy"})
+    assert up.status_code == 200, up.text
+    assert answer(http, "copy") == answer(http, "tower")
+
+
+def test_uploads_are_checked(http):
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w:gz") as tar:
+        info = tarfile.TarInfo("../escape.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    r = http.post("/v1/adapters/upload", files={"file": ("e.tar.gz", evil.getvalue())}, data={"name": "evil"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_adapter"
+    r = http.post("/v1/adapters/upload", files={"file": ("e.tar.gz", b"x")}, data={"name": "../etc"})
+    assert r.status_code == 400
+
+
+def test_merge_and_composition(http):
+    r = http.post("/v1/adapters/merge", json={"name": "blend", "method": "concat",
+                                              "adapters": [{"name": "tower", "weight": 0.5}, {"name": "greeter", "weight": 0.5}]})
+    assert r.status_code == 200, r.text
+    merged = answer(http, "blend")
+    composed = answer(http, adapters=[{"name": "tower", "scale": 0.5}, {"name": "greeter", "scale": 0.5}])
+    assert merged == composed  # concat merge == runtime composition (both exact)
+
+
+def test_delete_removes_an_adapter(http):
+    train(http, "temp")
+    assert http.delete("/v1/adapters/temp").status_code == 200
+    assert "temp" not in {a["name"] for a in http.get("/v1/adapters").json()["adapters"]}
+    r = http.post("/v1/chat/completions", json={"model": "temp", "messages": ASK})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_training_errors(http):
+    bad = http.post("/v1/train/sft", json={"examples": [{"messages": ASK + [{"role": "user", "content": "?"}]}]})
+    assert bad.status_code == 400 and "examples[0]" in bad.json()["error"]["message"]
+    assert http.post("/v1/train/sft", json={"adapter": "a/b", "examples": [{"messages": CONV}]}).status_code == 400
+    assert http.get("/v1/train/status/job-nope").status_code == 404
+    assert http.post("/v1/chat/completions", json={"model": "nope", "messages": ASK}).status_code == 404
+    assert http.post("/v1/chat/completions", json={"model": "tower@99", "messages": ASK}).status_code == 404
+
+
+def test_cancel_a_running_job(http):
+    r = http.post("/v1/train/sft", json={"adapter": "long", "examples": [{"messages": CONV}],
+                                         "config": {"steps": 500, "early_stop_loss": None}})
+    job_id = r.json()["job_id"]
+    deadline = time.time() + 30
+    while http.get(f"/v1/train/status/{job_id}").json()["state"] != "running" and time.time() < deadline:
+        time.sleep(0.05)
+    assert job_id in {j["job_id"] for j in http.get("/v1/train/queue").json()["jobs"]}
+    assert http.delete(f"/v1/train/queue/{job_id}").status_code == 200
+    assert wait_job(http, job_id)["state"] == "cancelled"
+    assert "long" not in {a["name"] for a in http.get("/v1/adapters").json()["adapters"]}
+
+
+def test_grpo_job(http):
+    group = {"messages": ASK, "completions": [{"text": "Edda Brask.", "reward": 1.0}, {"text": "No idea.", "reward": 0.0}]}
+    r = http.post("/v1/train/grpo", json={"adapter": "rl", "groups": [group, {**group, "completions": [
+        {"text": "a", "reward": 0.5}, {"text": "b", "reward": 0.5}]}], "config": {"steps": 2}})
+    assert r.status_code == 200, r.text
+    status = wait_job(http, r.json()["job_id"])
+    assert status["state"] == "completed" and status["adapter_version"] == 1
+    assert any("equal rewards" in n for n in status["notes"])
+
+
+def test_nothing_leaks(app):
+    _, engine, _ = app
+    wait_idle(engine)
+    assert all(r["pins"] == 0 for r in engine.engine.adapters.listing())
+
+
+def test_a_downloaded_adapter_loads_in_peft_and_answers_the_same(http, tiny_smol_dir, tmp_path):
+    """The served adapter, exported, is a PEFT adapter: transformers + peft greedy-decode the
+    same tokens as the server with it (fp32)."""
+    import peft
+    import torch
+    import transformers
+
+    from kiln_ray.api.chat import render_chat
+    from kiln_ray.model.registry import load_tokenizer
+
+    data = http.get("/v1/adapters/tower/download").content
+    tarfile.open(fileobj=io.BytesIO(data)).extractall(tmp_path, filter="data")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_smol_dir, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    tok = load_tokenizer(tiny_smol_dir)
+    prompt = render_chat(tok, ASK)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=2)
+    served = http.post("/v1/completions", json={"model": "tower", "prompt": prompt, "max_tokens": 8, "temperature": 0,
+                                                "min_tokens": 8}).json()["choices"][0]["text"]
+    assert tok.decode(out[0, len(prompt):]) == served
