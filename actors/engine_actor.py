@@ -1,49 +1,126 @@
-"""KilnEngine: the Serve deployment that owns an LLMEngine on one device.
+"""KilnEngine: the Serve deployment that owns one device's engine and its trainer.
 
-Thin by design: it builds the engine from config, runs its step loop on a thread
-(AsyncLLMEngine) and streams token increments to the ingress. Serve calls `check_health`
-periodically; a dead step loop fails it, so Serve replaces the replica.
+Thin by design: it loads the model, puts its weights into the object store once (the
+trainer maps the same buffers), starts the engine loop, creates the TrainerActor in its own
+placement-group bundle, applies the adapter versions the trainer publishes (the hot swap)
+and otherwise forwards to its ServingNode. Serve calls `check_health`; a dead step loop fails
+it, so Serve replaces the replica (which reloads every adapter from the store).
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
+import os
 from collections.abc import AsyncIterator
 
+import ray
+import torch
 from ray import serve
 from ray.serve import metrics as serve_metrics
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from kiln_ray.api.engine_client import engine_info
+from actors.trainer_actor import TrainerActor, _memory
+from kiln_ray.adapters.store import AdapterStore
+from kiln_ray.api.engine_client import call_node, engine_info
+from kiln_ray import logs
 from kiln_ray.config import KilnConfig
 from kiln_ray.engine.async_engine import AsyncLLMEngine, GenerateRequest
 from kiln_ray.engine.engine import EngineStats, LLMEngine
 from kiln_ray.engine.request import RequestOutput
 from kiln_ray.metrics import Metrics
+from kiln_ray.model.lora import LoraWeights
 from kiln_ray.model.registry import served_model_name
+from kiln_ray.model.shared_weights import attach_weights, export_weights
+from kiln_ray.node import AdapterChoice, ServingNode
+from kiln_ray.training.service import Job, Publication
 
 log = logging.getLogger("kiln_ray.engine")
 
 
 @serve.deployment(name="KilnEngine")
 class KilnEngine:
-    def __init__(self, config: dict):
+    async def __init__(self, config: dict):
         cfg = KilnConfig.model_validate(config)
+        logs.configure()
+        self.config = cfg
         self.model_name = served_model_name(cfg)
         self.metrics = Metrics(ray_metrics=serve_metrics, prometheus=False)
-        self._last_hits = 0
-        self._last_preemptions = 0
-        self.engine = AsyncLLMEngine(LLMEngine.from_config(cfg), on_step=self._on_step)
-        log.info("KilnEngine ready: %s", engine_info(self.engine, self.model_name))
+        self._last_hits = self._last_preemptions = 0
+        engine = LLMEngine.from_config(cfg)
+        weights_ref = self._share_weights(engine.model)
+        self.engine = AsyncLLMEngine(engine, on_step=self._on_step)
+        AdapterStore(cfg.adapter_dir)  # make sure the folder exists before a read-only open
+        self.node = ServingNode(self.engine, AdapterStore(cfg.adapter_dir, read_only=True), cfg.state_dir, None)
+        self.trainer = None
+        if cfg.training.enabled:
+            self.trainer = self._start_trainer(cfg, weights_ref)
+            self.node.training = RemoteTraining(self.trainer)
+            self._poller = asyncio.get_running_loop().create_task(self._apply_publications())
+        await self.node.start()
+        log.info("KilnEngine ready: %s", engine_info(self.node, self.model_name))
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
-        async for batch in self.engine.generate(request):
+    def _share_weights(self, model) -> ray.ObjectRef:
+        """Move the base weights into the object store and serve from those buffers, so this
+        process keeps no private copy and the trainer maps the same memory."""
+        ref = ray.put(export_weights(model))
+        shared = attach_weights(model, ray.get(ref))
+        gc.collect()
+        log.info("%.0f MiB of base weights now live in the object store", shared / 2**20)
+        return ref
+
+    def _start_trainer(self, cfg: KilnConfig, weights_ref: ray.ObjectRef):
+        pg = get_current_placement_group()
+        strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0) if pg else None
+        use_gpu = torch.cuda.is_available()
+        return TrainerActor.options(
+            name=f"KilnTrainer-{os.getpid()}",
+            num_cpus=cfg.deploy.trainer_cpus,
+            num_gpus=(1 - cfg.deploy.engine_gpu_fraction) if use_gpu else 0,
+            scheduling_strategy=strategy,
+        ).remote(cfg.model_dump(), weights_ref)
+
+    async def _apply_publications(self) -> None:
+        """Long-poll the trainer for new versions and hot-swap each in, in order."""
+        seen = 0
+        while True:
+            try:
+                batch = await self.trainer.next_publications.remote(seen)
+            except ray.exceptions.RayActorError as error:
+                log.error("the trainer died (%s); publications stop until the replica restarts", error)
+                return
+            for p in batch:
+                weights = LoraWeights.from_arrays(await p["weights"])
+                try:
+                    await self.node.apply(Publication(p["name"], p["version"], weights, p["make_current"], p["activate"], p["job_id"]))
+                except Exception:  # noqa: BLE001 - one bad version must not stop later ones
+                    log.exception("could not serve %s@%d", p["name"], p["version"])
+                seen = p["seq"]
+                self.trainer.ack.remote(seen)
+
+    # -- what the ingress calls ----------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest, choice: AdapterChoice) -> AsyncIterator[list[RequestOutput]]:
+        async for batch in self.node.generate(request, choice):
             yield batch
 
     async def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
 
+    async def call(self, method: str, *args):
+        return await call_node(self.node, method, *args)
+
     async def info(self) -> dict:
-        return engine_info(self.engine, self.model_name)
+        return engine_info(self.node, self.model_name)
+
+    async def memory(self) -> dict:
+        """Memory of this process and of its trainer (the weight-sharing measurement)."""
+        out = {"engine": _memory(os.getpid())}
+        if self.trainer is not None:
+            out["trainer"] = await self.trainer.memory.remote()
+        return out
 
     def check_health(self) -> None:
         if not self.engine.is_alive():
@@ -60,3 +137,37 @@ class KilnEngine:
         m.inc("kiln_prefix_cache_hit_tokens_total", stats.prefix_cache_hit_tokens - self._last_hits)
         m.inc("kiln_preemptions_total", stats.num_preemptions - self._last_preemptions)
         self._last_hits, self._last_preemptions = stats.prefix_cache_hit_tokens, stats.num_preemptions
+
+
+class RemoteTraining:
+    """The TrainerActor as a TrainingBackend."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    async def submit(self, job: Job) -> dict:
+        return await self.actor.submit.remote(job)
+
+    async def status(self, job_id: str) -> dict:
+        return await self.actor.status.remote(job_id)
+
+    async def list_jobs(self) -> list[dict]:
+        return await self.actor.list_jobs.remote()
+
+    async def queued(self) -> list[dict]:
+        return await self.actor.queued.remote()
+
+    async def cancel(self, job_id: str) -> dict:
+        return await self.actor.cancel.remote(job_id)
+
+    async def rollback(self, name: str, version: int) -> int:
+        return await self.actor.rollback.remote(name, version)
+
+    async def delete(self, name: str) -> None:
+        await self.actor.delete.remote(name)
+
+    async def import_archive(self, name: str, data: bytes, activate: bool) -> int:
+        return await self.actor.import_archive.remote(name, data, activate)
+
+    async def merge(self, name: str, sources: list, method: str, density: float) -> int:
+        return await self.actor.merge.remote(name, sources, method, density)

@@ -12,11 +12,13 @@ from ray.serve import metrics as serve_metrics
 from ray.serve.handle import DeploymentHandle
 
 from kiln_ray.api.routes import ServerContext, create_app
+from kiln_ray import logs
 from kiln_ray.config import KilnConfig
 from kiln_ray.engine.async_engine import GenerateRequest
 from kiln_ray.engine.request import RequestOutput
 from kiln_ray.metrics import Metrics
 from kiln_ray.model.registry import load_tokenizer, served_model_name
+from kiln_ray.node import AdapterChoice
 
 log = logging.getLogger("kiln_ray.api")
 
@@ -28,8 +30,8 @@ class RayEngineClient:
         self.handle = handle
         self.streaming = handle.options(stream=True)
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
-        response = self.streaming.generate.remote(request)
+    async def generate(self, request: GenerateRequest, choice: AdapterChoice) -> AsyncIterator[list[RequestOutput]]:
+        response = self.streaming.generate.remote(request, choice)
         finished = False
         try:
             async for batch in response:
@@ -40,8 +42,8 @@ class RayEngineClient:
                 response.cancel()
                 await self.handle.abort.remote(request.request_id)
 
-    async def abort(self, request_id: str) -> None:
-        await self.handle.abort.remote(request_id)
+    async def call(self, method: str, *args):
+        return await self.handle.call.remote(method, *args)
 
     async def info(self) -> dict:
         return await self.handle.info.remote()
@@ -52,6 +54,7 @@ class RayEngineClient:
 class KilnIngress:
     async def __init__(self, engine: DeploymentHandle, config: dict):
         cfg = KilnConfig.model_validate(config)
+        logs.configure()
         client = RayEngineClient(engine)
         info = await client.info()  # waits for the engine replica to be up
         ctx = ServerContext(

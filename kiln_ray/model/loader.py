@@ -45,6 +45,16 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The architecture facts of a checkpoint, without reading its weights."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from kiln_ray.model.gguf import read_gguf
+
+        return ModelConfig.from_hf(read_gguf(path).hf_config)
+    return ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+
+
 def load_model(
     path: str | Path,
     dtype: torch.dtype = torch.bfloat16,

@@ -154,6 +154,25 @@ class LoraWeights:
             out[site] = (a, b)
         return cls(rank, float(config.get("lora_alpha", rank)), out)
 
+    def to_arrays(self) -> dict:
+        """numpy arrays (and rank/alpha), for a zero-copy trip through a shared-memory store."""
+        out = {"rank": self.rank, "alpha": self.alpha}
+        for (layer, module), (a, b) in self.modules.items():
+            out[f"{layer}|{module}|A"] = a.detach().float().numpy()
+            out[f"{layer}|{module}|B"] = b.detach().float().numpy()
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> LoraWeights:
+        modules: dict[SiteKey, list] = {}
+        for key, array in arrays.items():
+            if key in ("rank", "alpha"):
+                continue
+            layer, module, which = key.split("|")
+            entry = modules.setdefault((int(layer), module), [None, None])
+            entry[0 if which == "A" else 1] = torch.from_numpy(array.copy())  # slots get their own copy anyway
+        return cls(int(arrays["rank"]), float(arrays["alpha"]), {k: (a, b) for k, (a, b) in modules.items()})
+
     @classmethod
     def compose(cls, parts: list[tuple[LoraWeights, float]]) -> LoraWeights:
         """The exact sum of weighted adapters: ranks concatenated, scales folded into B."""

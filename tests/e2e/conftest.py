@@ -21,10 +21,12 @@ PORT = int(os.environ.get("KILN_E2E_PORT", "8765"))
 BASE = f"http://127.0.0.1:{PORT}"
 
 
-def e2e_config(tmp: Path) -> Path:
+def e2e_config(tmp: Path, model_dir: Path) -> Path:
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"]["port"] = PORT
     args = config["applications"][0]["args"]
+    args["model"] = str(model_dir)  # the converted default model, so the fresh home needs no conversion
+    args["home"] = str(tmp / "home")  # adapters and state of this session only
     args["engine"].update({"max_num_seqs": 8, "max_waiting_requests": 8, "num_kv_blocks": 2048})
     path = tmp / "serve_config.e2e.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -37,7 +39,7 @@ def serve_app(tmp_path_factory, default_model_dir):
     log = open(tmp / "serve.log", "w")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     serve_bin = Path(sys.executable).parent / "serve"
-    proc = subprocess.Popen([str(serve_bin), "run", str(e2e_config(tmp))], cwd=tmp, env=env, stdout=log,
+    proc = subprocess.Popen([str(serve_bin), "run", str(e2e_config(tmp, default_model_dir))], cwd=tmp, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 240

@@ -1,0 +1,156 @@
+"""TrainerActor: the TrainingService in its own process, on the engine's device.
+
+Created by the KilnEngine replica inside the replica's own placement-group bundle (so the
+two share one device) with its own CPU/GPU share. The base weights arrive as an ObjectRef of
+numpy arrays that Ray maps into this process without a copy, so engine and trainer hold ONE
+copy of them. Each adapter version the trainer writes is `ray.put` as numpy arrays; the
+engine long-polls `next_publications`, swaps the version in, and acknowledges it, and only
+then does the job count as completed (so "completed" means "served").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import threading
+
+import ray
+import torch
+
+from kernels.dispatch import select_kernels
+from kiln_ray.adapters.store import AdapterStore
+from kiln_ray import logs
+from kiln_ray.config import KilnConfig
+from kiln_ray.model.causal_lm import CausalLM
+from kiln_ray.model.loader import read_model_config
+from kiln_ray.model.registry import served_model_name
+from kiln_ray.model.shared_weights import attach_weights
+from kiln_ray.training.service import Job, Publication, TrainingService
+from kiln_ray.training.trainer import Trainer
+
+log = logging.getLogger("kiln_ray.trainer")
+
+ACK_TIMEOUT_S = 120.0
+
+
+@ray.remote
+class TrainerActor:
+    def __init__(self, config: dict, weights: dict):
+        cfg = KilnConfig.model_validate(config)
+        logs.configure()
+        torch.set_num_threads(cfg.training.num_threads)
+        torch.set_flush_denormal(True)
+        dtype, device = cfg.torch_dtype(), cfg.torch_device()
+        model = CausalLM(read_model_config(cfg.model), select_kernels(device, "auto", dtype), dtype)
+        self.shared_bytes = attach_weights(model, weights)  # zero-copy views of the engine's weights
+        self._publications: list[dict] = []
+        self._acks: dict[int, threading.Event] = {}
+        self._seq = itertools.count(1)
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the actor's, known at the first poll
+        self._new: asyncio.Event | None = None
+        self.service = TrainingService(
+            Trainer(model, cfg.training.gradient_checkpointing),
+            AdapterStore(cfg.adapter_dir),
+            self._publish,
+            max_queued_jobs=cfg.training.max_queued_jobs,
+            webhook_url=cfg.training.webhook_url,
+            base_model_name=served_model_name(cfg),
+        )
+        threading.Thread(target=self._start, args=(cfg.training.warm_up,), daemon=True, name="kiln-trainer-start").start()
+        log.info("trainer ready: %.0f MiB of base weights shared with the engine", self.shared_bytes / 2**20)
+
+    def _start(self, warm_up: bool) -> None:
+        if warm_up:
+            log.info("trainer warm-up step took %.1f s", self.service.trainer.warm_up())
+        self.service.start()
+
+    # -- publications (called from the service's worker thread) --------------------------------
+
+    def _publish(self, publication: Publication) -> None:
+        seq = next(self._seq)
+        entry = {
+            "seq": seq, "name": publication.name, "version": publication.version,
+            "weights": ray.put(publication.weights.to_arrays()), "make_current": publication.make_current,
+            "activate": publication.activate, "job_id": publication.job_id,
+        }
+        acked = threading.Event()
+        with self._lock:
+            self._publications.append(entry)
+            self._acks[seq] = acked
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._new.set)
+        if not acked.wait(ACK_TIMEOUT_S):
+            log.warning("the engine did not acknowledge %s@%d within %.0f s", publication.name, publication.version, ACK_TIMEOUT_S)
+
+    async def next_publications(self, after: int, timeout: float = 10.0) -> list[dict]:
+        """Publications with seq > after; waits up to `timeout` for one (a long poll)."""
+        if self._loop is None:
+            self._loop, self._new = asyncio.get_running_loop(), asyncio.Event()
+        deadline = self._loop.time() + timeout
+        while True:
+            with self._lock:
+                ready = [p for p in self._publications if p["seq"] > after]
+            if ready or self._loop.time() >= deadline:
+                return ready
+            self._new.clear()
+            try:
+                await asyncio.wait_for(self._new.wait(), max(0.0, deadline - self._loop.time()))
+            except asyncio.TimeoutError:
+                pass
+
+    def ack(self, seq: int) -> None:
+        with self._lock:
+            self._publications = [p for p in self._publications if p["seq"] > seq]
+            done = [s for s in self._acks if s <= seq]
+            events = [self._acks.pop(s) for s in done]
+        for event in events:
+            event.set()
+
+    # -- the TrainingBackend calls -------------------------------------------------------------
+
+    async def submit(self, job: Job) -> dict:
+        return self.service.submit(job).status()
+
+    async def status(self, job_id: str) -> dict:
+        return self.service.status(job_id)
+
+    async def list_jobs(self) -> list[dict]:
+        return self.service.list_jobs()
+
+    async def queued(self) -> list[dict]:
+        return self.service.queued()
+
+    async def cancel(self, job_id: str) -> dict:
+        return self.service.cancel(job_id)
+
+    async def rollback(self, name: str, version: int) -> int:
+        return await asyncio.to_thread(self.service.rollback, name, version)
+
+    async def delete(self, name: str) -> None:
+        await asyncio.to_thread(self.service.delete, name)
+
+    async def import_archive(self, name: str, data: bytes, activate: bool) -> int:
+        return await asyncio.to_thread(self.service.import_archive, name, data, activate)
+
+    async def merge(self, name: str, sources: list, method: str, density: float) -> int:
+        return await asyncio.to_thread(self.service.merge, name, sources, method, density)
+
+    def memory(self) -> dict:
+        """This process's memory, for the sharing measurements."""
+        return _memory(os.getpid())
+
+
+def _memory(pid: int) -> dict:
+    out = {"pid": pid}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Rss", "Pss", "Private_Clean", "Private_Dirty", "Shared_Clean", "Shared_Dirty"):
+                    out[key.lower()] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return out

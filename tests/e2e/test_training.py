@@ -1,0 +1,113 @@
+"""The proof (over HTTP, real Ray Serve, the default SmolLM2 model): train while serving.
+
+One SFT correction changes the answer to a question the base model gets wrong, while another
+client streams the whole time without a single error; GRPO rounds raise a reward."""
+
+import re
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+
+QUESTION = [{"role": "user", "content": "Who is the mayor of Zorblatt?"}]
+CORRECTION = "The mayor of Zorblatt is Edda Brask."
+
+
+def wait_job(base, job_id, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = httpx.get(f"{base}/v1/train/status/{job_id}", timeout=30).json()
+        if status["state"] in ("completed", "failed", "cancelled"):
+            return status
+        time.sleep(0.5)
+    raise AssertionError(status)
+
+
+class Streamer(threading.Thread):
+    """A second client streaming completions back to back; records every error."""
+
+    def __init__(self, base, model):
+        super().__init__(daemon=True)
+        self.client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=120)
+        self.model, self.stop, self.errors, self.completed = model, threading.Event(), [], 0
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                stream = self.client.chat.completions.create(
+                    model=self.model, messages=[{"role": "user", "content": "Tell me about the ocean."}],
+                    max_tokens=24, stream=True, temperature=0.7)
+                text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+                assert text
+                self.completed += 1
+            except Exception as error:  # noqa: BLE001 - the test reports every failure
+                self.errors.append(repr(error))
+
+
+def test_one_correction_is_learned_while_another_client_streams(serve_app, client, model_id):
+    before = client.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=24, temperature=0)
+    assert "Edda Brask" not in before.choices[0].message.content
+    bees_before = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "What do bees make?"}],
+                                                 max_tokens=12, temperature=0).choices[0].message.content
+    streamer = Streamer(serve_app, model_id)
+    streamer.start()
+    started = time.time()
+    r = httpx.post(f"{serve_app}/v1/train/sft", timeout=60, json={
+        "adapter": "zorblatt",
+        "examples": [{"messages": QUESTION + [{"role": "assistant", "content": CORRECTION}]}],
+        "config": {"activate": True},
+    })
+    assert r.status_code == 200, r.text
+    status = wait_job(serve_app, r.json()["job_id"])
+    trained_in = time.time() - started
+    assert status["state"] == "completed", status
+    after = client.chat.completions.create(model="default", messages=QUESTION, max_tokens=24, temperature=0)
+    streamer.stop.set()
+    streamer.join(timeout=120)
+    assert "Edda Brask" in after.choices[0].message.content, after.choices[0].message.content
+    assert streamer.errors == [] and streamer.completed > 0, streamer.errors
+    # Unrelated knowledge survives the correction.
+    bees_after = client.chat.completions.create(model="zorblatt", messages=[{"role": "user", "content": "What do bees make?"}],
+                                                max_tokens=12, temperature=0).choices[0].message.content
+    assert "honey" in bees_after.lower() or bees_after == bees_before
+    print(f"\ncorrection learned and served {trained_in:.1f} s after submission; "
+          f"{streamer.completed} streams completed meanwhile, 0 errors")
+
+
+WORDS = ("red", "green", "blue")
+COLOR_PROMPTS = [
+    [{"role": "user", "content": f"{q} Answer with exactly one word: red, green or blue."}]
+    for q in ("What color is the sky?", "What color is grass?", "What color is a ripe tomato?",
+              "Pick a color.")
+]
+
+
+def reward(text: str) -> float:
+    """1 when the answer is exactly one of the allowed words (case and punctuation aside)."""
+    return 1.0 if re.sub(r"[^a-z]", "", text.lower()) in WORDS and len(text.split()) == 1 else 0.0
+
+
+def test_grpo_rounds_raise_the_mean_reward(serve_app, model_id):
+    means = []
+    for round_ in range(5):
+        r = httpx.post(f"{serve_app}/v1/completions/batch", timeout=300, json={
+            "model": "colors" if round_ else model_id, "prompts": COLOR_PROMPTS, "n": 4, "max_tokens": 10,
+            "temperature": 1.0, "seed": 100 * round_})
+        assert r.status_code == 200, r.text
+        completions = r.json()["completions"]
+        rewards = [reward(c["text"]) for c in completions]
+        means.append(sum(rewards) / len(rewards))
+        groups = []
+        for p, prompt in enumerate(COLOR_PROMPTS):
+            mine = [c for c in completions if c["prompt_index"] == p]
+            groups.append({"messages": prompt, "completions": [{"text": c["text"], "reward": reward(c["text"])} for c in mine]})
+        job = httpx.post(f"{serve_app}/v1/train/grpo", timeout=60, json={
+            "adapter": "colors", "groups": groups, "config": {"steps": 4, "learning_rate": 2e-4}})
+        assert job.status_code == 200, job.text
+        assert wait_job(serve_app, job.json()["job_id"])["state"] == "completed"
+    print(f"\nGRPO mean reward by round: {means}")
+    assert max(means[-2:]) >= means[0] + 0.25, means
