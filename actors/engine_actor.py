@@ -22,7 +22,7 @@ from ray.serve import metrics as serve_metrics
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.trainer_actor import TrainerActor, _memory
+from actors.trainer_actor import TrainerActor
 from kiln_ray.adapters.store import AdapterStore
 from kiln_ray.api.engine_client import call_node, engine_info
 from kiln_ray import logs
@@ -35,6 +35,7 @@ from kiln_ray.model.lora import LoraWeights
 from kiln_ray.model.registry import served_model_name
 from kiln_ray.model.shared_weights import attach_weights, export_weights
 from kiln_ray.node import AdapterChoice, ServingNode
+from kiln_ray.procinfo import process_memory
 from kiln_ray.training.service import Job, Publication
 
 log = logging.getLogger("kiln_ray.engine")
@@ -113,13 +114,16 @@ class KilnEngine:
         return await call_node(self.node, method, *args)
 
     async def info(self) -> dict:
-        return engine_info(self.node, self.model_name)
+        return {**engine_info(self.node, self.model_name), "memory": await self.memory()}
 
     async def memory(self) -> dict:
         """Memory of this process and of its trainer (the weight-sharing measurement)."""
-        out = {"engine": _memory(os.getpid())}
+        out = {"engine": process_memory(os.getpid())}
         if self.trainer is not None:
-            out["trainer"] = await self.trainer.memory.remote()
+            try:
+                out["trainer"] = await self.trainer.memory.remote()
+            except ray.exceptions.RayActorError:
+                out["trainer"] = None
         return out
 
     def check_health(self) -> None:

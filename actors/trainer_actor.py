@@ -27,6 +27,7 @@ from kiln_ray.model.causal_lm import CausalLM
 from kiln_ray.model.loader import read_model_config
 from kiln_ray.model.registry import served_model_name
 from kiln_ray.model.shared_weights import attach_weights
+from kiln_ray.procinfo import process_memory
 from kiln_ray.training.service import Job, Publication, TrainingService
 from kiln_ray.training.trainer import Trainer
 
@@ -38,6 +39,7 @@ ACK_TIMEOUT_S = 120.0
 @ray.remote
 class TrainerActor:
     def __init__(self, config: dict, weights: dict):
+        self.memory_at_start = process_memory(os.getpid())
         cfg = KilnConfig.model_validate(config)
         logs.configure()
         torch.set_num_threads(cfg.training.num_threads)
@@ -45,6 +47,10 @@ class TrainerActor:
         dtype, device = cfg.torch_dtype(), cfg.torch_device()
         model = CausalLM(read_model_config(cfg.model), select_kernels(device, "auto", dtype), dtype)
         self.shared_bytes = attach_weights(model, weights)  # zero-copy views of the engine's weights
+        with torch.no_grad():  # read every weight once: had they been copied, this is where it would show
+            for p in model.parameters():
+                p.float().sum()
+        self.memory_after_touch = process_memory(os.getpid())
         self._publications: list[dict] = []
         self._acks: dict[int, threading.Event] = {}
         self._seq = itertools.count(1)
@@ -65,6 +71,7 @@ class TrainerActor:
     def _start(self, warm_up: bool) -> None:
         if warm_up:
             log.info("trainer warm-up step took %.1f s", self.service.trainer.warm_up())
+        self.memory_after_warm_up = process_memory(os.getpid())  # every weight has been read by now
         self.service.start()
 
     # -- publications (called from the service's worker thread) --------------------------------
@@ -139,18 +146,9 @@ class TrainerActor:
         return await asyncio.to_thread(self.service.merge, name, sources, method, density)
 
     def memory(self) -> dict:
-        """This process's memory, for the sharing measurements."""
-        return _memory(os.getpid())
-
-
-def _memory(pid: int) -> dict:
-    out = {"pid": pid}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("Rss", "Pss", "Private_Clean", "Private_Dirty", "Shared_Clean", "Shared_Dirty"):
-                    out[key.lower()] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
+        """This process's memory now, at start, after reading every base weight once (its
+        private memory, USS, grows by far less than the weights' size: they are the engine's
+        shared buffers) and after the warm-up step (LoRA parameters, AdamW state, scratch)."""
+        return {"now": process_memory(os.getpid()), "at_start": self.memory_at_start,
+                "after_touching_weights": self.memory_after_touch,
+                "after_warm_up": getattr(self, "memory_after_warm_up", None), "shared_weight_bytes": self.shared_bytes}

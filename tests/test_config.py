@@ -43,10 +43,11 @@ def test_asking_for_a_gpu_on_a_cluster_without_one_fails_clearly():
 
 
 def test_readme_documents_every_config_field():
-    from kiln_ray.config import DeployConfig, EngineConfig
+    from kiln_ray.config import DeployConfig, EngineConfig, TrainingConfig
 
     readme = open("README.md").read()
-    fields = [f"`{n}`" for n in KilnConfig.model_fields if n not in ("engine", "deploy")]
-    fields += [f"`engine.{n}`" for n in EngineConfig.model_fields] + [f"`deploy.{n}`" for n in DeployConfig.model_fields]
+    sections = {"engine": EngineConfig, "deploy": DeployConfig, "training": TrainingConfig}
+    fields = [f"`{n}`" for n in KilnConfig.model_fields if n not in sections]
+    fields += [f"`{s}.{n}`" for s, model in sections.items() for n in model.model_fields]
     missing = [f for f in fields if f not in readme]
     assert not missing, f"README configuration table misses {missing}"

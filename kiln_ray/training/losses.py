@@ -42,10 +42,12 @@ def token_logprobs(
 
 
 def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    # float32 whatever the model dtype (float64 stays float64, for exact tests). log_softmax +
+    # The matmul runs in the head's dtype (as the served model computes its logits: a bf16
+    # head is never copied to float32, which for a 250k vocabulary would be GBs per chunk);
+    # the softmax runs in float32 (float64 stays float64, for exact tests). log_softmax +
     # gather measured faster on CPU than logsumexp: its backward is one fused kernel.
-    compute_dtype = torch.promote_types(hidden.dtype, torch.float32)
-    logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).t()  # (c, V)
+    compute_dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+    logits = (hidden.to(weight.dtype) @ weight.t()).to(compute_dtype)  # (c, V)
     return logits.log_softmax(dim=1).gather(1, targets.unsqueeze(1)).squeeze(1)  # (c,)
 
 

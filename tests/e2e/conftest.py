@@ -1,7 +1,8 @@
 """ONE real Ray Serve instance for the whole e2e session: `serve run` on a copy of
 serve_config.yaml (the product path), on its own port, with the real default model.
 
-Limits are lowered so that overload is reachable: 8 sequences run at once and 8 may wait.
+Limits are lowered so that overload is reachable: 8 sequences run at once and 24 may wait
+(a batch-completions call of 4 prompts x 6 fits; 40 concurrent requests do not).
 """
 
 import os
@@ -27,7 +28,7 @@ def e2e_config(tmp: Path, model_dir: Path) -> Path:
     args = config["applications"][0]["args"]
     args["model"] = str(model_dir)  # the converted default model, so the fresh home needs no conversion
     args["home"] = str(tmp / "home")  # adapters and state of this session only
-    args["engine"].update({"max_num_seqs": 8, "max_waiting_requests": 8, "num_kv_blocks": 2048})
+    args["engine"].update({"max_num_seqs": 8, "max_waiting_requests": 24, "num_kv_blocks": 2048})
     path = tmp / "serve_config.e2e.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
