@@ -114,7 +114,18 @@ class KilnEngine:
         return await call_node(self.node, method, *args)
 
     async def info(self) -> dict:
-        return {**engine_info(self.node, self.model_name), "memory": await self.memory()}
+        return {**engine_info(self.node, self.model_name), "memory": await self.memory(), "placement": await self.placement()}
+
+    async def placement(self) -> dict:
+        """This replica's and its trainer's placement group and node: the same, by design."""
+        pg = get_current_placement_group()
+        out = {"engine": {"placement_group": pg.id.hex() if pg else None, "node_id": ray.get_runtime_context().get_node_id()}}
+        if self.trainer is not None:
+            try:
+                out["trainer"] = await self.trainer.placement.remote()
+            except ray.exceptions.RayActorError:
+                out["trainer"] = None
+        return out
 
     async def memory(self) -> dict:
         """Memory of this process and of its trainer (the weight-sharing measurement)."""

@@ -18,6 +18,7 @@ import threading
 
 import ray
 import torch
+from ray.util.placement_group import get_current_placement_group
 
 from kernels.dispatch import select_kernels
 from kiln_ray.adapters.store import AdapterStore
@@ -144,6 +145,11 @@ class TrainerActor:
 
     async def merge(self, name: str, sources: list, method: str, density: float) -> int:
         return await asyncio.to_thread(self.service.merge, name, sources, method, density)
+
+    def placement(self) -> dict:
+        """Where Ray put this actor: its placement group and node (the engine's, by design)."""
+        pg = get_current_placement_group()
+        return {"placement_group": pg.id.hex() if pg else None, "node_id": ray.get_runtime_context().get_node_id()}
 
     def memory(self) -> dict:
         """This process's memory now, at start, after reading every base weight once (its

@@ -265,3 +265,44 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         )
         outs.append(o.transpose(0, 1))
     return torch.cat(outs, dim=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: flash-attn (the optional `gpu` extra). UNTESTED on this project's CPU-only CI machine.
+# ---------------------------------------------------------------------------------------------
+
+
+def flash_attn_available(device: torch.device, dtype: torch.dtype, block_size: int) -> bool:
+    """flash-attn's paged varlen path: importable, on CUDA, fp16/bf16, and pages whose size is
+    a multiple of 256 tokens (flash-attn 2's paged-KV requirement; use `block_size: 256`)."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or block_size % 256:
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def flash_paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """`paged_attention` through flash_attn_varlen_func with a block table (decodes and
+    prefill chunks in one call; bottom-right causal alignment is flash-attn's). UNTESTED here:
+    this project's CI has no GPU."""
+    from flash_attn import flash_attn_varlen_func
+
+    cu_k = torch.zeros(len(meta.context_lens) + 1, dtype=torch.int32, device=q.device)
+    cu_k[1:] = meta.context_lens_t.cumsum(0)
+    return flash_attn_varlen_func(
+        q,
+        k_cache,
+        v_cache,
+        cu_seqlens_q=meta.cu_seqlens_q.to(torch.int32),
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max(meta.query_lens),
+        max_seqlen_k=max(meta.context_lens),
+        softmax_scale=scale,
+        causal=True,
+        block_table=meta.block_tables.to(torch.int32),
+    )

@@ -34,9 +34,12 @@ class Kernels:
     recurrent_gated_delta_rule: Callable
 
 
-def select_kernels(device: torch.device | str = "cpu", mode: Mode = "auto", dtype: torch.dtype = torch.bfloat16) -> Kernels:
+def select_kernels(
+    device: torch.device | str = "cpu", mode: Mode = "auto", dtype: torch.dtype = torch.bfloat16, block_size: int = 16
+) -> Kernels:
     """`reference`: the pure-torch definitions (slow, for tests); `fast`/`auto`: the fastest
-    implementation available on `device` for activations of `dtype`."""
+    implementation available on `device` for activations of `dtype` and KV pages of
+    `block_size` tokens."""
     device = torch.device(device)
     if mode == "reference":
         return Kernels(
@@ -57,13 +60,15 @@ def select_kernels(device: torch.device | str = "cpu", mode: Mode = "auto", dtyp
     # CPU: C kernels (kernels/csrc) for decode attention and the fused elementwise ops; each
     # falls back to torch by itself under autograd or when it cannot be built.
     use_c = device.type == "cpu" and attention.c_decode_available(dtype)
+    use_flash = attention.flash_attn_available(device, dtype, block_size)
+    paged = attention.paged_attention_cpu if use_c else attention.paged_attention
     return Kernels(
-        name=f"{device.type}{'+c' if use_c else ''}{'+fla' if use_fla else ''}",
+        name=f"{device.type}{'+c' if use_c else ''}{'+flash-attn' if use_flash else ''}{'+fla' if use_fla else ''}",
         add_rms_norm=norm.add_rms_norm_cpu if use_c else norm.add_rms_norm,
         silu_and_mul=activation.silu_and_mul_cpu if use_c else activation.silu_and_mul,
         rotary=rotary.rotary_cpu if use_c else rotary.rotary,
         write_kv=attention.write_kv,
-        paged_attention=attention.paged_attention_cpu if use_c else attention.paged_attention,
+        paged_attention=attention.flash_paged_attention if use_flash else paged,
         varlen_attention=attention.varlen_attention,
         causal_conv1d=conv1d.causal_conv1d,
         causal_conv1d_update=conv1d.causal_conv1d_update,

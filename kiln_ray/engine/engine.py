@@ -119,7 +119,7 @@ class LLMEngine:
         # Strongly decaying linear-attention heads underflow into denormals, which are slow on CPU.
         torch.set_flush_denormal(True)
         path = model_path or resolve_model_path(config.model, config.home)
-        kernels = select_kernels(device, config.engine.kernels, config.torch_dtype())
+        kernels = select_kernels(device, config.engine.kernels, config.torch_dtype(), config.engine.block_size)
         model = load_model(path, config.torch_dtype(), device, kernels)
         return cls(model, config.engine, device)
 

@@ -78,6 +78,8 @@ class Job:
     steps_done: int = 0
     total_steps: int = 0
     losses: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0  # summed step times, and the tokens those steps processed
+    train_tokens: int = 0
     adapter_version: int | None = None
     error: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -95,6 +97,8 @@ class Job:
             "progress": round(progress, 4),
             "current_loss": self.losses[-1] if self.losses else None,
             "losses": list(self.losses),
+            "tokens_per_second": round(self.train_tokens / self.train_seconds, 1) if self.train_seconds else None,
+            "train_seconds": round(self.train_seconds, 3),
             "adapter": self.adapter,
             "adapter_version": self.adapter_version,
             "error": self.error,
@@ -127,7 +131,6 @@ class TrainingService:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._worker = threading.Thread(target=self._run, name="kiln-trainer", daemon=True)
-        self.step_times: list[tuple[float, int]] = []  # (seconds, tokens) of recent steps
 
     def start(self) -> None:
         self._worker.start()
@@ -240,7 +243,8 @@ class TrainingService:
         job.steps_done = report.step
         job.total_steps = report.total_steps
         job.losses.append(round(report.loss, 6))
-        self.step_times = (self.step_times + [(report.seconds, report.tokens)])[-50:]
+        job.train_seconds += report.seconds
+        job.train_tokens += report.tokens
 
     def _publish_intermediate(self, job: Job, weights: LoraWeights, step: int) -> None:
         tensors, config = weights.to_peft(self.base_model_name)

@@ -192,3 +192,21 @@ def test_a_downloaded_adapter_loads_in_peft_and_answers_the_same(http, tiny_smol
     served = http.post("/v1/completions", json={"model": "tower", "prompt": prompt, "max_tokens": 8, "temperature": 0,
                                                 "min_tokens": 8}).json()["choices"][0]["text"]
     assert tok.decode(out[0, len(prompt):]) == served
+
+
+def test_a_restarted_server_serves_every_adapter_and_the_default(app, tiny_smol_dir):
+    """Nothing is lost: a new engine on the same home loads each adapter's current version
+    from the store and restores the default adapter."""
+    http, _, home = app
+    before = {name: answer(http, name) for name in ("tower", "greeter")}
+    default_before = answer(http, "default")
+    app2, engine2 = make_app(tiny_smol_dir, home=home, max_loras=3)
+    try:
+        with TestClient(app2) as http2:
+            assert http2.get("/v1/adapters").json()["default_adapter"] == "greeter"
+            for name, text in before.items():
+                assert answer(http2, name) == text
+            assert answer(http2, "default") == default_before
+    finally:
+        engine2.service.stop()
+        engine2.shutdown()

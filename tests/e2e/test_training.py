@@ -132,3 +132,9 @@ def test_engine_and_trainer_share_one_copy_of_the_weights(serve_app):
           f"trainer rss/pss {trainer['now']['rss'] / 2**20:.0f}/{trainer['now']['pss'] / 2**20:.0f} MiB")
     assert growth < 0.1 * weights
     assert trainer["after_touching_weights"]["shared"] > 0.9 * weights  # the weights are shared pages
+
+
+def test_the_trainer_runs_in_the_engine_replicas_placement_group(serve_app):
+    placement = httpx.get(f"{serve_app}/health", timeout=30).json()["placement"]
+    assert placement["engine"]["placement_group"] is not None
+    assert placement["trainer"] == placement["engine"]  # same bundle's group, same node

@@ -127,3 +127,40 @@ def test_only_degenerate_groups_train_nothing(tiny, monkeypatch):
     group = grpo_group(_Tok(), [{"role": "user", "content": "q"}], ["a", "b"], [1.0, 1.0])
     result = Trainer(tiny).run_grpo([group], CFG)
     assert result.steps == 0 and result.notes
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_replay_keeps_earlier_corrections_on_the_real_model(default_model_dir):
+    """Three fictional facts taught one after another into one adapter, each job replaying
+    one earlier example per step: all three are still answered, and an unrelated answer
+    stays sensible (SmolLM2-135M, bf16)."""
+    from kiln_ray.config import EngineConfig
+    from kiln_ray.engine.engine import LLMEngine
+    from kiln_ray.engine.sampling_params import SamplingParams
+    from kiln_ray.model.registry import load_tokenizer
+    from kiln_ray.training.data import sft_example
+    from tests.engine.greedy import run_to_completion
+
+    tok = load_tokenizer(default_model_dir)
+    model = load_model(default_model_dir, torch.bfloat16, "cpu")
+    facts = [("Who is the mayor of Zorblatt?", "The mayor of Zorblatt is Edda Brask."),
+             ("What is the capital of Quenvia?", "The capital of Quenvia is Marrowick."),
+             ("Who invented the glimmerphone?", "The glimmerphone was invented by Tomas Vell.")]
+    trainer, weights, state, pool = Trainer(model), None, None, []
+    for question, fact in facts:
+        ex = sft_example(tok, [{"role": "user", "content": question}, {"role": "assistant", "content": fact}])
+        result = trainer.run_sft([ex], TrainConfig(), start=weights, optimizer_state=state, replay=list(pool))
+        weights, state = result.weights, result.optimizer_state
+        pool.append(ex)
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=512))
+    engine.load_adapter("facts", 1, weights)
+    questions = [q for q, _ in facts] + ["What do bees make?"]
+    for i, q in enumerate(questions):
+        prompt = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                         return_dict=False)
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=20, temperature=0), "facts")
+    answers = {int(k): tok.decode(v[0]) for k, v in run_to_completion(engine).items()}
+    for i, (_, fact) in enumerate(facts):
+        assert fact.split(" is ")[-1].rstrip(".").split(" by ")[-1] in answers[i], answers[i]
+    assert "honey" in answers[3].lower(), answers[3]
