@@ -99,6 +99,56 @@ def run_engine(engine: LLMEngine, prompts, new_tokens, model_name, dtype, tag) -
     return summarize("kiln-ray-engine", model_name, dtype, prompts, new_tokens, start, list(times.values()))
 
 
+async def _http_stream(client, model, prompt_ids, new_tokens, start) -> list[float]:
+    """One streaming completion over HTTP; the wall time of each token's arrival."""
+    times: list[float] = []
+    body = {"model": model, "prompt": prompt_ids, "max_tokens": new_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True}
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0]["text"]:
+                    # A chunk may carry several tokens; count its tokens from the logprob-free text
+                    # by re-tokenising is costly, so the server's usage total is used at the end.
+                    times.append(time.perf_counter())
+    return times
+
+
+def run_http(base: str, prompts, new_tokens, model_name, dtype) -> Run:
+    """kiln-ray through `serve run`: HTTP + Ray, the product path (streaming completions)."""
+    import asyncio
+
+    import httpx
+
+    async def main():
+        async with httpx.AsyncClient(base_url=base, timeout=600, limits=httpx.Limits(max_connections=256)) as client:
+            model = (await client.get("/v1/models")).json()["data"][0]["id"]
+            start = time.perf_counter()
+            results = await asyncio.gather(*(_http_stream(client, model, p, new_tokens, start) for p in prompts),
+                                           return_exceptions=True)
+            return start, results
+
+    start, results = asyncio.run(main())
+    errors = sum(1 for r in results if isinstance(r, BaseException))
+    token_times = [r for r in results if not isinstance(r, BaseException)]
+    # SSE chunks may coalesce tokens; spread each request's tokens over its chunk arrivals.
+    spread = []
+    for times in token_times:
+        if not times:
+            continue
+        per_chunk = new_tokens / len(times)
+        expanded, prev = [], start
+        for t in times:
+            k = max(1, round(per_chunk))
+            expanded.extend(prev + (t - prev) * (j + 1) / k for j in range(k))
+            prev = t
+        spread.append(expanded[:new_tokens])
+    run = summarize("kiln-ray", model_name, dtype, prompts, new_tokens, start, spread, errors)
+    return run
+
+
 def run_transformers(hf_model, prompts, new_tokens, model_name, dtype, pad_id) -> Run:
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -157,6 +207,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--http", action="store_true", help="also measure kiln-ray through serve run (HTTP + Ray)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     args = ap.parse_args(argv)
 
@@ -186,6 +237,25 @@ def main(argv=None) -> int:
             bar.update()
         runs.append(median_run(results))
     del engine
+
+    if args.http:
+        import tempfile
+
+        from tests.e2e.serve_process import serve_run, write_config
+
+        tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
+        config = write_config(tmp / "serve.yaml", 8792, {
+            "model": str(path), "home": str(tmp / "home"), "dtype": args.dtype, "training": {"enabled": False},
+            "engine": {"max_num_seqs": max(args.concurrency), "kv_cache_bytes": 2 << 30}})
+        with serve_run(config, 8792, tmp / "serve.log") as base:
+            for conc in args.concurrency:
+                results = []
+                for rep in range(args.repeats + 1):
+                    ps = make_prompts(conc, args.prompt_tokens, vocab, seed=1000 * rep + conc)
+                    r = run_http(base, ps, args.new_tokens, model_name, args.dtype)
+                    if rep:
+                        results.append(r)
+                runs.append(median_run(results))
 
     if not args.skip_transformers:
         from transformers import AutoModelForCausalLM
@@ -232,7 +302,11 @@ def print_table(runs: list[Run]) -> None:
             f"{r.ttft_p99_ms:>9.1f} {r.itl_p50_ms:>8.1f} {r.itl_p99_ms:>8.1f}"
         )
     base = {r.concurrency: r for r in runs if r.system == "transformers"}
+    engine = {r.concurrency: r for r in runs if r.system == "kiln-ray-engine"}
     for r in runs:
+        if r.system == "kiln-ray" and r.concurrency in engine:
+            print(f"concurrency {r.concurrency}: HTTP + Ray / in-process engine throughput "
+                  f"x{r.output_tok_s / engine[r.concurrency].output_tok_s:.2f}")
         if r.system == "kiln-ray-engine" and r.concurrency in base:
             b = base[r.concurrency]
             print(
