@@ -51,11 +51,14 @@ class KilnEngine:
         self.metrics = Metrics(ray_metrics=serve_metrics, prometheus=False)
         self._last_hits = self._last_preemptions = 0
         engine = LLMEngine.from_config(cfg)
-        weights_ref = self._share_weights(engine.model)
+        # CPU: one copy of the base weights, in the object store, mapped by engine and trainer.
+        # CUDA sharing (IPC handles) is not implemented yet: there the trainer loads its own copy.
+        weights_ref = self._share_weights(engine.model) if engine.device.type == "cpu" else None
         self.engine = AsyncLLMEngine(engine, on_step=self._on_step)
         AdapterStore(cfg.adapter_dir)  # make sure the folder exists before a read-only open
         self.node = ServingNode(self.engine, AdapterStore(cfg.adapter_dir, read_only=True), cfg.state_dir, None)
         self.trainer = None
+        self._weights_ref = weights_ref
         if cfg.training.enabled:
             self.trainer = self._start_trainer(cfg, weights_ref)
             self.node.training = RemoteTraining(self.trainer)
@@ -72,7 +75,7 @@ class KilnEngine:
         log.info("%.0f MiB of base weights now live in the object store", shared / 2**20)
         return ref
 
-    def _start_trainer(self, cfg: KilnConfig, weights_ref: ray.ObjectRef):
+    def _start_trainer(self, cfg: KilnConfig, weights_ref: ray.ObjectRef | None):
         pg = get_current_placement_group()
         strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0) if pg else None
         use_gpu = torch.cuda.is_available()
@@ -84,18 +87,24 @@ class KilnEngine:
         ).remote(cfg.model_dump(), weights_ref)
 
     async def _apply_publications(self) -> None:
-        """Long-poll the trainer for new versions and hot-swap each in, in order."""
+        """Long-poll the trainer for new versions and hot-swap each in, in order. A trainer
+        that dies is started again (its running job is lost; adapters in the store are not)."""
         seen = 0
         while True:
             try:
                 batch = await self.trainer.next_publications.remote(seen)
             except ray.exceptions.RayActorError as error:
-                log.error("the trainer died (%s); publications stop until the replica restarts", error)
-                return
+                log.error("the trainer died (%s); starting a new one", error)
+                await asyncio.sleep(1.0)
+                self.trainer = self._start_trainer(self.config, self._weights_ref)
+                self.node.training = RemoteTraining(self.trainer)
+                seen = 0
+                continue
             for p in batch:
-                weights = LoraWeights.from_arrays(await p["weights"])
                 try:
-                    await self.node.apply(Publication(p["name"], p["version"], weights, p["make_current"], p["activate"], p["job_id"]))
+                    weights = LoraWeights.from_arrays(await p["weights"])
+                    await self.node.apply(Publication(p["name"], p["version"], weights, p["make_current"],
+                                                      p["activate"], p["job_id"]))
                 except Exception:  # noqa: BLE001 - one bad version must not stop later ones
                     log.exception("could not serve %s@%d", p["name"], p["version"])
                 seen = p["seq"]

@@ -25,7 +25,7 @@ from kiln_ray.adapters.store import AdapterStore
 from kiln_ray import logs
 from kiln_ray.config import KilnConfig
 from kiln_ray.model.causal_lm import CausalLM
-from kiln_ray.model.loader import read_model_config
+from kiln_ray.model.loader import load_model, read_model_config
 from kiln_ray.model.registry import served_model_name
 from kiln_ray.model.shared_weights import attach_weights
 from kiln_ray.procinfo import process_memory
@@ -39,15 +39,19 @@ ACK_TIMEOUT_S = 120.0
 
 @ray.remote
 class TrainerActor:
-    def __init__(self, config: dict, weights: dict):
+    def __init__(self, config: dict, weights: dict | None):
         self.memory_at_start = process_memory(os.getpid())
         cfg = KilnConfig.model_validate(config)
         logs.configure()
         torch.set_num_threads(cfg.training.num_threads)
         torch.set_flush_denormal(True)
         dtype, device = cfg.torch_dtype(), cfg.torch_device()
-        model = CausalLM(read_model_config(cfg.model), select_kernels(device, "auto", dtype), dtype)
-        self.shared_bytes = attach_weights(model, weights)  # zero-copy views of the engine's weights
+        if weights is None:  # no shared copy offered (CUDA): load our own
+            model = load_model(cfg.model, dtype, device, select_kernels(device, "auto", dtype))
+            self.shared_bytes = 0
+        else:
+            model = CausalLM(read_model_config(cfg.model), select_kernels(device, "auto", dtype), dtype)
+            self.shared_bytes = attach_weights(model, weights)  # zero-copy views of the engine's weights
         with torch.no_grad():  # read every weight once: had they been copied, this is where it would show
             for p in model.parameters():
                 p.float().sum()

@@ -102,7 +102,11 @@ def write_kv(
     fn = cpu_ext.function("cpu_ops", "write_kv", _WRITE_KV_ARGS) if cpu_ext.fast_path_ok(k, v, k_cache) else None
     if (
         fn is not None
-        and k.dtype == v.dtype == k_cache.dtype
+        and k.dtype == v.dtype == k_cache.dtype == v_cache.dtype
+        and slot_mapping.dtype == torch.int64
+        and slot_mapping.is_contiguous()
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
         and k.stride(1) == v.stride(1) == head_dim
         and k.stride(2) == v.stride(2) == 1
     ):
@@ -225,6 +229,7 @@ def _c_decode_attention(
     out = torch.empty_like(q)
     tables = meta.block_tables  # rows [0, nd) are the decodes; the kernel reads only those
     ctx = meta.context_lens_t
+    assert tables.dtype == ctx.dtype == torch.int64 and tables.is_contiguous() and k_cache.is_contiguous()
     rc = _c_kernel()(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), ctx.data_ptr(), out.data_ptr(),
         nd, tables.shape[1], num_heads, k_cache.shape[2], head_dim, k_cache.shape[1],
@@ -238,8 +243,11 @@ def _c_decode_attention(
 def paged_attention_cpu(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """`paged_attention` with decodes through the C kernel (CPU, fp32/bf16 caches)."""
+    """`paged_attention` with decodes through the C kernel (CPU, fp32/bf16 caches; any other
+    cache dtype takes the torch path: the kernel reads raw fp32 or bf16 buffers)."""
     nd = meta.num_decodes
+    if k_cache.dtype not in (torch.float32, torch.bfloat16) or v_cache.dtype != k_cache.dtype:
+        return paged_attention(q, k_cache, v_cache, meta, scale)
     if nd == len(meta.query_lens):
         return _c_decode_attention(q, k_cache, v_cache, meta, scale).to(q.dtype)
     out = paged_attention(q, k_cache, v_cache, meta, scale, skip_decodes=nd > 0)

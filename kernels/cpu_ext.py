@@ -13,9 +13,11 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -23,7 +25,10 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 # -fopenmp links libgomp.so.1: the torch CPU wheel ships and loads a libgomp with that soname,
 # so the kernels share torch's OpenMP thread pool rather than competing with it.
-CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-fopenmp"]
+# -ffast-math is for compiling only: at link time GCC would add crtfastmath.o, whose
+# constructor switches the whole process to flush-to-zero when the library is loaded.
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-fopenmp"]
+LDFLAGS = ["-shared", "-fopenmp"]
 
 
 @functools.cache
@@ -34,20 +39,36 @@ def load(name: str) -> ctypes.CDLL | None:
     if compiler is None:
         log.warning("no C compiler found: %s falls back to pure torch", name)
         return None
-    digest = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    # -march=native: the build is only valid on this kind of CPU, so its flags are in the key.
+    key = source.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode() + _cpu_signature().encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
     build_dir = Path(tempfile.gettempdir()) / f"kiln-ray-kernels-{os.getuid()}"
     build_dir.mkdir(parents=True, exist_ok=True)
     lib = build_dir / f"{name}-{digest}.so"
     if not lib.exists():
-        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        result = subprocess.run([compiler, *CFLAGS, str(source), "-o", str(tmp), "-lm"], capture_output=True, text=True)
-        if result.returncode != 0:
-            log.warning("building %s failed, falling back to pure torch:\n%s", name, result.stderr[-2000:])
-            return None
+        stem = f"{name}-{digest}.{os.getpid()}-{threading.get_ident()}"
+        obj, tmp = build_dir / f"{stem}.o", build_dir / f"{stem}.so.tmp"
+        for cmd in ([compiler, *CFLAGS, "-c", str(source), "-o", str(obj)],
+                    [compiler, *LDFLAGS, str(obj), "-o", str(tmp), "-lm"]):
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0:
+                log.warning("building %s failed, falling back to pure torch:\n%s", name, result.stderr[-2000:])
+                return None
+        obj.unlink(missing_ok=True)
         os.replace(tmp, lib)  # atomic: concurrent builders never load a half-written file
     import torch  # noqa: F401  (load torch's OpenMP runtime first, so the kernel binds to it)
 
     return ctypes.CDLL(str(lib))
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    lines = [l for l in info.splitlines() if l.startswith(("model name", "flags", "Features"))]
+    return platform.machine() + "\n".join(sorted(set(lines)))
 
 
 @functools.cache
@@ -76,4 +97,7 @@ def fast_path_ok(*tensors) -> bool:
 
     if torch.is_grad_enabled():
         return False
-    return all(t is None or (t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)) for t in tensors)
+    for t in tensors:
+        if t is not None and (t.dtype not in (torch.float32, torch.bfloat16) or t.device.type != "cpu"):
+            return False
+    return True

@@ -44,6 +44,8 @@ def add_rms_norm_cpu(
         fn is None
         or residual.dtype != torch.float32
         or not residual.is_contiguous()
+        or weight.dtype != torch.float32
+        or not weight.is_contiguous()
         or (x is not None and (x.dtype != dtype or x.shape != residual.shape or not x.is_contiguous()))
     ):
         return add_rms_norm(x, residual, weight, eps, dtype)

@@ -44,7 +44,8 @@ def rotary_cpu(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same, IN PLACE on q and k through one C call (they may be strided views of a fused
-    projection, heads contiguous within a token); the reference under autograd."""
+    projection, heads contiguous within a token); the reference under autograd. Positions
+    must be below the table's rows (CausalLM.forward checks once per step)."""
     fn = cpu_ext.function("cpu_ops", "rope", _ROPE_ARGS) if cpu_ext.fast_path_ok(q, k) else None
     head_dim = q.shape[2]
     if (
@@ -52,6 +53,8 @@ def rotary_cpu(
         or q.dtype != k.dtype
         or q.stride(2) != 1 or k.stride(2) != 1
         or q.stride(1) != head_dim or k.stride(1) != head_dim
+        or positions.dtype != torch.int64 or not positions.is_contiguous()
+        or cache.dtype != torch.float32 or not cache.is_contiguous()
     ):
         return rotary(q, k, positions, cache)
     fn(q.data_ptr(), k.data_ptr(), positions.data_ptr(), cache.data_ptr(), q.shape[0], q.shape[1], k.shape[1],

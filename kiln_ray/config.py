@@ -75,6 +75,7 @@ class TrainingConfig(_Frozen):
     warm_up: bool = Field(True, description="run one throwaway step at start, not on the first job")
     gradient_checkpointing: bool = True
     webhook_url: str | None = Field(None, description="POST job status here on completion/failure")
+    allow_job_webhooks: bool = Field(False, description="let a job name its own webhook URL (off: SSRF risk)")
     learning_rate: float = Field(3e-4, gt=0)
     steps: int = Field(12, ge=1, description="optimizer steps of a job")
     lora_rank: int = Field(16, ge=1)

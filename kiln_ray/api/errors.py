@@ -58,6 +58,44 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
+def engine_error(error: BaseException) -> APIError | None:
+    """The HTTP answer for an error from the engine, its adapters or the trainer (None for
+    anything unexpected, which stays a 500). An error raised in another process arrives
+    wrapped (a Ray task error) with the original as `cause`: its text has no remote traceback."""
+    from kiln_ray.adapters.archive import UnsafeArchive
+    from kiln_ray.adapters.store import AdapterNotFound, AdapterStoreError, InvalidAdapter, InvalidAdapterName
+    from kiln_ray.engine.adapter_manager import AdapterNotLoaded, AdapterSlotsFull
+    from kiln_ray.engine.async_engine import EngineDeadError
+    from kiln_ray.engine.engine import EngineFullError
+    from kiln_ray.node import TrainingDisabled
+    from kiln_ray.training.service import JobNotFound, QueueFull
+
+    cause = getattr(error, "cause", None) or error
+    text = str(cause.args[0]) if cause.args else type(cause).__name__
+    if isinstance(error, (AdapterNotFound, AdapterNotLoaded)):
+        return APIError(404, f"{text} (see /v1/models)", "model", "model_not_found")
+    if isinstance(error, JobNotFound):
+        return APIError(404, text, code="not_found")
+    if isinstance(error, EngineFullError):
+        return APIError(429, f"the server is busy ({text}); retry shortly", code="rate_limit_exceeded",
+                        headers={"Retry-After": "1"})
+    if isinstance(error, QueueFull):
+        return APIError(503, text, code="queue_full", headers={"Retry-After": "5"})
+    if isinstance(error, AdapterSlotsFull):
+        return APIError(503, text, code="adapter_slots_full", headers={"Retry-After": "1"})
+    if isinstance(error, EngineDeadError):
+        return APIError(503, text, code="engine_unavailable", headers={"Retry-After": "5"})
+    if isinstance(error, TrainingDisabled):
+        return APIError(503, text, code="training_disabled")
+    if isinstance(error, (UnsafeArchive, InvalidAdapter, InvalidAdapterName)):
+        return APIError(400, text, code="invalid_adapter")
+    if isinstance(error, AdapterStoreError):
+        return APIError(500, text, code="adapter_store_error")
+    if isinstance(error, ValueError):
+        return APIError(400, text)
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError) -> JSONResponse:

@@ -44,7 +44,6 @@ class ChoiceText:
         self.logprobs: list[LogprobEntry] = []
         self.finish_reason: str | None = None
         self.num_tokens = 0
-        self.num_prompt_tokens = 0
         self.num_cached_tokens = 0
 
     @property
@@ -58,7 +57,6 @@ class ChoiceText:
         if self.finished:
             return delta
         self.num_tokens = out.num_output_tokens
-        self.num_prompt_tokens = out.num_prompt_tokens
         self.num_cached_tokens = out.num_cached_tokens
         if out.logprobs:
             delta.logprobs = [self._logprob_entry(lp) for lp in out.logprobs]

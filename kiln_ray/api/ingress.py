@@ -8,13 +8,15 @@ import logging
 from collections.abc import AsyncIterator
 
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve import metrics as serve_metrics
 from ray.serve.handle import DeploymentHandle
 
 from kiln_ray.api.routes import ServerContext, create_app
 from kiln_ray import logs
 from kiln_ray.config import KilnConfig
-from kiln_ray.engine.async_engine import GenerateRequest
+from kiln_ray.engine.async_engine import EngineDeadError, GenerateRequest
 from kiln_ray.engine.request import RequestOutput
 from kiln_ray.metrics import Metrics
 from kiln_ray.model.registry import load_tokenizer, served_model_name
@@ -34,19 +36,40 @@ class RayEngineClient:
         response = self.streaming.generate.remote(request, choice)
         finished = False
         try:
-            async for batch in response:
+            async for batch in _engine_errors(response):
                 yield batch
             finished = True
         finally:
             if not finished:  # the consumer left early: stop the engine-side generator for sure
                 response.cancel()
-                await self.handle.abort.remote(request.request_id)
+                try:
+                    await self.handle.abort.remote(request.request_id)
+                except RAY_UNAVAILABLE:
+                    pass
 
     async def call(self, method: str, *args):
-        return await self.handle.call.remote(method, *args)
+        try:
+            return await self.handle.call.remote(method, *args)
+        except RAY_UNAVAILABLE as error:
+            raise EngineDeadError(f"the engine replica is unavailable: {type(error).__name__}") from None
 
     async def info(self) -> dict:
-        return await self.handle.info.remote()
+        try:
+            return await self.handle.info.remote()
+        except RAY_UNAVAILABLE as error:
+            return {"alive": False, "error": f"the engine replica is unavailable: {type(error).__name__}"}
+
+
+# A dead or restarting engine replica: the ingress answers 503 and the client may retry.
+RAY_UNAVAILABLE = (RayActorError, ActorUnavailableError, DeploymentUnavailableError)
+
+
+async def _engine_errors(stream):
+    try:
+        async for item in stream:
+            yield item
+    except RAY_UNAVAILABLE as error:
+        raise EngineDeadError(f"the engine replica is unavailable: {type(error).__name__}") from None
 
 
 @serve.deployment(name="KilnIngress")

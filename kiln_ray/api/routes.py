@@ -19,16 +19,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from kiln_ray.api import openai_format as fmt
 from kiln_ray.api.chat import ChatFormatError, render_chat
 from kiln_ray.api.engine_client import EngineClient
-from kiln_ray.api.errors import APIError, install_error_handlers
+from kiln_ray.api.errors import APIError, engine_error, install_error_handlers
 from kiln_ray.api.generation import ChoiceText, Delta
 from kiln_ray.api.schemas import BatchCompletionRequest, ChatCompletionRequest, CompletionRequest, SamplingFields
 from kiln_ray.api.training_routes import call, install_training_routes
-from kiln_ray.adapters.store import AdapterNotFound, InvalidAdapterName, parse_ref
-from kiln_ray.engine.adapter_manager import AdapterNotLoaded, AdapterSlotsFull
+from kiln_ray.adapters.store import InvalidAdapterName, parse_ref
 from kiln_ray.node import AdapterChoice
 from kiln_ray.config import KilnConfig
-from kiln_ray.engine.async_engine import EngineDeadError, GenerateRequest
-from kiln_ray.engine.engine import EngineFullError
+from kiln_ray.engine.async_engine import GenerateRequest
 from kiln_ray.engine.sampling_params import SamplingParams
 from kiln_ray.metrics import Metrics
 
@@ -51,16 +49,11 @@ class ServerContext:
 
 @dataclass
 class _Timing:
+    """When a request started, produced its first token, and last heard of each choice."""
+
     start: float = field(default_factory=time.perf_counter)
     first: float | None = None
-    last: float | None = None
-
-
-def _message(error: BaseException) -> str:
-    """The message of an engine error; one raised in another process (a Ray task error
-    wrapping it) carries the original as `cause`, whose text has no remote traceback."""
-    cause = getattr(error, "cause", None) or error
-    return str(cause.args[0]) if cause.args else type(cause).__name__
+    last: dict[int, float] = field(default_factory=dict)  # choice index -> time of its last tokens
 
 
 async def _raise_first_refusal(started: list) -> None:
@@ -130,7 +123,7 @@ class _Routes:
 
     # -- generation ----------------------------------------------------------------------------
 
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+    async def chat_completions(self, body: ChatCompletionRequest):
         choice = self._choice(body)
         use_tools = bool(body.tools) and body.tool_choice != "none"
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if use_tools else None
@@ -148,11 +141,11 @@ class _Routes:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return self._sse(self._chat_events(rid, created, model, choices, first, deltas, body.logprobs, include_usage, len(prompt), timing))
-        await self._consume(first, deltas, timing)
+        await self._consume(deltas)
         self._record(rid, "chat", len(prompt), choices, timing)
         return fmt.chat_completion(rid, created, model, choices, body.logprobs, len(prompt))
 
-    async def completions(self, body: CompletionRequest, request: Request):
+    async def completions(self, body: CompletionRequest):
         choice = self._choice(body)
         prompts = [self._encode_prompt(p) for p in body.prompts]
         created = int(time.time())
@@ -166,8 +159,9 @@ class _Routes:
             ]
             runs.append((prompt, params, choices))
         prefix = [self.tok.decode(p, skip_special_tokens=body.skip_special_tokens) if body.echo else "" for p, _, _ in runs]
+        timings = [_Timing() for _ in runs]
         started = await asyncio.gather(
-            *(self._start(GenerateRequest(f"{rid}-{i}", p, params), choice, choices, _Timing())
+            *(self._start(GenerateRequest(f"{rid}-{i}", p, params), choice, choices, timings[i])
               for i, (p, params, choices) in enumerate(runs)),
             return_exceptions=True,
         )
@@ -176,10 +170,10 @@ class _Routes:
         num_prompt = sum(len(p) for p, _, _ in runs)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._sse(self._completion_events(rid, created, model, runs, started, prefix, body, include_usage, num_prompt))
-        timing = _Timing()
-        await asyncio.gather(*(self._consume(first, deltas, timing) for first, deltas in started))
-        self._record(rid, "completion", num_prompt, all_choices, timing)
+            return self._sse(self._completion_events(rid, created, model, runs, started, prefix, body, include_usage,
+                                                     num_prompt, timings[0]))
+        await asyncio.gather(*(self._consume(deltas) for _, deltas in started))
+        self._record(rid, "completion", num_prompt, all_choices, timings[0])
         out = []
         for p_idx, (_, _, choices) in enumerate(runs):
             for c in choices:
@@ -191,7 +185,7 @@ class _Routes:
                 })
         return fmt.text_completion(rid, created, model, out, fmt.usage(all_choices, num_prompt))
 
-    async def batch_completions(self, body: BatchCompletionRequest, request: Request):
+    async def batch_completions(self, body: BatchCompletionRequest):
         """prompts x n completions in one engine batch; prompt p's completion i is sampled with
         seed + p * n + i when a seed is given."""
         choice = self._choice(body)
@@ -203,13 +197,14 @@ class _Routes:
             params = self._params(body, prompt, body.max_tokens, None, seed=seed)
             choices = [ChoiceText(self.tok, i, body.stop, False, body.skip_special_tokens) for i in range(body.n)]
             runs.append((prompt, params, choices))
-        timing = _Timing()
+        timings = [_Timing() for _ in runs]
         started = await asyncio.gather(
-            *(self._start(GenerateRequest(f"{rid}-{i}", p, params), choice, c, timing) for i, (p, params, c) in enumerate(runs)),
+            *(self._start(GenerateRequest(f"{rid}-{i}", p, params), choice, c, timings[i])
+              for i, (p, params, c) in enumerate(runs)),
             return_exceptions=True,
         )
         await _raise_first_refusal(started)
-        await asyncio.gather(*(self._consume(first, deltas, timing) for first, deltas in started))
+        await asyncio.gather(*(self._consume(deltas) for _, deltas in started))
         completions, totals = [], {"prompt_tokens": 0, "completion_tokens": 0}
         for p_idx, (prompt, _, choices) in enumerate(runs):
             totals["prompt_tokens"] += len(prompt)
@@ -224,7 +219,7 @@ class _Routes:
                               "total_tokens": len(prompt) + c.num_tokens},
                 })
         totals["total_tokens"] = totals["prompt_tokens"] + totals["completion_tokens"]
-        self._record(rid, "batch", totals["prompt_tokens"], [c for _, _, cs in runs for c in cs], timing)
+        self._record(rid, "batch", totals["prompt_tokens"], [c for _, _, cs in runs for c in cs], timings[0])
         return {"id": rid, "object": "batch.completion", "model": body.model or self.ctx.model_name,
                 "completions": completions, "usage": totals}
 
@@ -312,17 +307,11 @@ class _Routes:
             first = await deltas.__anext__()
         except StopAsyncIteration:
             return None, deltas
-        except (AdapterNotFound, AdapterNotLoaded) as error:
-            raise APIError(404, f"{_message(error)} (see /v1/models)", "model", "model_not_found") from None
-        except AdapterSlotsFull as error:
-            raise APIError(503, _message(error), code="adapter_slots_full", headers={"Retry-After": "1"}) from None
-        except EngineFullError as error:
-            raise APIError(429, f"the server is busy ({_message(error)}); retry shortly", code="rate_limit_exceeded",
-                           headers={"Retry-After": "1"}) from None
-        except EngineDeadError as error:
-            raise APIError(503, _message(error), code="engine_unavailable") from None
-        except ValueError as error:
-            raise APIError(400, _message(error)) from None
+        except Exception as error:
+            mapped = engine_error(error)
+            if mapped is None:
+                raise
+            raise mapped from None
         return first, deltas
 
     async def _deltas(
@@ -334,19 +323,22 @@ class _Routes:
         async with aclosing(self.ctx.engine.generate(gen, choice)) as stream:
             async for batch in stream:
                 now = time.perf_counter()
-                tokens = sum(len(o.new_token_ids) for o in batch)
                 if timing.first is None:
                     timing.first = now
                     metrics.observe("kiln_time_to_first_token_seconds", now - timing.start)
-                elif tokens:
-                    for _ in range(tokens):
-                        metrics.observe("kiln_inter_token_latency_seconds", (now - timing.last) / tokens)
-                timing.last = now
+                for o in batch:  # per choice: the gap since its previous tokens, spread over them
+                    previous = timing.last.get(o.index)
+                    if previous is not None and o.new_token_ids:
+                        gap = (now - previous) / len(o.new_token_ids)
+                        for _ in o.new_token_ids:
+                            metrics.observe("kiln_inter_token_latency_seconds", gap)
+                    timing.last[o.index] = now
                 yield [choices[o.index].feed(o) for o in batch]
                 if all(c.finished for c in choices):
                     return
 
-    async def _consume(self, first: list[Delta] | None, rest: AsyncIterator[list[Delta]], timing: _Timing) -> None:
+    async def _consume(self, rest: AsyncIterator[list[Delta]]) -> None:
+        """Drive a non-streamed request to its end (the choices collect the text)."""
         timeout = self.ctx.config.request_timeout_s
         try:
             async with asyncio.timeout(timeout):
@@ -355,8 +347,11 @@ class _Routes:
                         pass
         except TimeoutError:
             raise APIError(504, f"the request took longer than {timeout:g} s", code="timeout") from None
-        except EngineDeadError as error:
-            raise APIError(503, _message(error), code="engine_unavailable") from None
+        except Exception as error:
+            mapped = engine_error(error)
+            if mapped is None:
+                raise
+            raise mapped from None
 
     def _sse(self, events: AsyncIterator[str]) -> StreamingResponse:
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -380,7 +375,7 @@ class _Routes:
         self._record(rid, "chat", num_prompt, choices, timing)
         yield fmt.SSE_DONE
 
-    async def _completion_events(self, rid, created, model, runs, started, prefix, body, include_usage, num_prompt):
+    async def _completion_events(self, rid, created, model, runs, started, prefix, body, include_usage, num_prompt, timing):
         queue: asyncio.Queue = asyncio.Queue()
         want_logprobs = body.logprobs is not None
         offsets = {c.index: len(prefix[p]) for p, (_, _, cs) in enumerate(runs) for c in cs}
@@ -421,7 +416,7 @@ class _Routes:
         all_choices = [c for _, _, cs in runs for c in cs]
         if include_usage:
             yield fmt.completion_chunk(rid, created, model, [], fmt.usage(all_choices, num_prompt))
-        self._record(rid, "completion", num_prompt, all_choices, _Timing())
+        self._record(rid, "completion", num_prompt, all_choices, timing)
         yield fmt.SSE_DONE
 
     async def _stream_body(self, first, rest, chunk_for) -> AsyncIterator[str]:
@@ -438,8 +433,12 @@ class _Routes:
                             yield event
         except TimeoutError:
             yield fmt.sse(APIError(504, f"the request took longer than {timeout:g} s", code="timeout").body())
-        except EngineDeadError as error:
-            yield fmt.sse(APIError(503, _message(error), code="engine_unavailable").body())
+        except Exception as error:  # noqa: BLE001 - after the headers, an error can only be an event
+            mapped = engine_error(error)
+            if mapped is None:
+                log.exception("stream failed")
+                mapped = APIError(500, f"internal error ({type(error).__name__})", code="internal_error")
+            yield fmt.sse(mapped.body())
 
     def _record(self, rid: str, kind: str, num_prompt: int, choices: list[ChoiceText], timing: _Timing) -> None:
         m = self.ctx.metrics

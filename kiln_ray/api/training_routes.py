@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import FastAPI, File, Form, UploadFile
+from fastapi import FastAPI, Request
+from starlette.datastructures import UploadFile
 from fastapi.responses import Response
 
-from kiln_ray.adapters.archive import UnsafeArchive
-from kiln_ray.adapters.store import AdapterNotFound, AdapterStoreError, InvalidAdapter, InvalidAdapterName, validate_name
-from kiln_ray.api.errors import APIError
+from kiln_ray.adapters.store import InvalidAdapterName, validate_name
+from kiln_ray.api.errors import APIError, engine_error
 from kiln_ray.api.schemas import AdapterRefBody, GrpoRequest, MergeRequest, RollbackRequest, SftRequest, TrainJobConfig
-from kiln_ray.engine.adapter_manager import AdapterSlotsFull
-from kiln_ray.node import TrainingDisabled
 from kiln_ray.training.data import TrainingDataError, grpo_group, sft_example
-from kiln_ray.training.service import Job, JobNotFound, QueueFull
+from kiln_ray.training.service import Job
 from kiln_ray.training.trainer import TrainConfig
 
 
@@ -57,25 +55,11 @@ async def call(ctx, method: str, *args):
     """A ServingNode method through the engine client, with errors mapped to HTTP."""
     try:
         return await ctx.engine.call(method, *args)
-    except (AdapterNotFound, JobNotFound) as error:
-        raise APIError(404, _text(error), code="not_found") from None
-    except QueueFull as error:
-        raise APIError(503, _text(error), code="queue_full", headers={"Retry-After": "5"}) from None
-    except AdapterSlotsFull as error:
-        raise APIError(503, _text(error), code="adapter_slots_full", headers={"Retry-After": "1"}) from None
-    except TrainingDisabled as error:
-        raise APIError(503, _text(error), code="training_disabled") from None
-    except (UnsafeArchive, InvalidAdapter, InvalidAdapterName) as error:
-        raise APIError(400, _text(error), code="invalid_adapter") from None
-    except AdapterStoreError as error:
-        raise APIError(500, _text(error), code="adapter_store_error") from None
-    except ValueError as error:
-        raise APIError(400, _text(error)) from None
-
-
-def _text(error: BaseException) -> str:
-    cause = getattr(error, "cause", None) or error
-    return str(cause)
+    except Exception as error:
+        mapped = engine_error(error)
+        if mapped is None:
+            raise
+        raise mapped from None
 
 
 class _TrainingRoutes:
@@ -95,7 +79,7 @@ class _TrainingRoutes:
                 raise APIError(400, f"examples[{i}]: {error}", f"examples.{i}.messages") from None
             raw.append({"messages": messages})
         job = Job("sft", name, self._train_config(body.config), activate=body.config.activate,
-                  examples=examples, raw_examples=raw, webhook_url=body.config.webhook_url)
+                  examples=examples, raw_examples=raw, webhook_url=self._webhook(body.config))
         return self._accepted(await call(self.ctx, "train_submit", job))
 
     async def grpo(self, body: GrpoRequest) -> dict:
@@ -104,12 +88,17 @@ class _TrainingRoutes:
         for i, group in enumerate(body.groups):
             messages = [m.model_dump(exclude_none=True) for m in group.messages]
             try:
-                groups.append(grpo_group(self.ctx.tokenizer, messages, [c.text for c in group.completions],
-                                         [c.reward for c in group.completions]))
+                built = grpo_group(self.ctx.tokenizer, messages, [c.text for c in group.completions],
+                                   [c.reward for c in group.completions])
             except TrainingDataError as error:
                 raise APIError(400, f"groups[{i}]: {error}", f"groups.{i}") from None
+            longest = max(len(e.input_ids) for e in built.examples)
+            if longest > self.ctx.max_model_len:
+                raise APIError(400, f"groups[{i}]: a prompt + completion is {longest} tokens; this model's context "
+                                    f"is {self.ctx.max_model_len}", f"groups.{i}")
+            groups.append(built)
         job = Job("grpo", name, self._train_config(body.config), activate=body.config.activate, groups=groups,
-                  webhook_url=body.config.webhook_url)
+                  webhook_url=self._webhook(body.config))
         return self._accepted(await call(self.ctx, "train_submit", job))
 
     async def all_status(self) -> dict:
@@ -123,6 +112,14 @@ class _TrainingRoutes:
 
     async def cancel(self, job_id: str) -> dict:
         return await call(self.ctx, "train_cancel", job_id)
+
+    def _webhook(self, config: TrainJobConfig) -> str | None:
+        """A job's own webhook URL is honoured only if the server allows it (a client could
+        otherwise make the trainer POST to any address it can reach)."""
+        if config.webhook_url and not self.ctx.config.training.allow_job_webhooks:
+            raise APIError(400, "per-job webhook_url is disabled on this server (training.allow_job_webhooks)",
+                           "config.webhook_url")
+        return config.webhook_url
 
     def _adapter_name(self, adapter: str | None, config: TrainJobConfig, kind: str) -> str:
         name = adapter or config.output_name or f"{kind}-{uuid.uuid4().hex[:8]}"
@@ -175,11 +172,23 @@ class _TrainingRoutes:
         version = await call(self.ctx, "train_rollback", self._name(name), body.version)
         return {"name": name, "current_version": version}
 
-    async def upload(self, file: UploadFile = File(...), name: str = Form(...), activate: bool = Form(False)) -> dict:
+    async def upload(self, request: Request) -> dict:
+        """multipart/form-data: `file` (tar.gz), `name`, `activate`. The declared size is
+        checked before anything is read, so an oversized upload never reaches the disk."""
         limit = self.ctx.config.training.upload_max_bytes
+        declared = request.headers.get("content-length")
+        if declared is None:
+            raise APIError(411, "uploads need a Content-Length", code="length_required")
+        if not declared.isdigit() or int(declared) > limit + 64 * 1024:
+            raise APIError(413, f"the upload is larger than {limit} bytes", "file", "upload_too_large")
+        form = await request.form(max_files=1, max_fields=4)
+        file, name = form.get("file"), form.get("name")
+        if not isinstance(file, UploadFile) or not isinstance(name, str):
+            raise APIError(400, "send multipart/form-data with a `file` (tar.gz) and a `name`", "file")
         data = await file.read(limit + 1)
         if len(data) > limit:
             raise APIError(413, f"the upload is larger than {limit} bytes", "file", "upload_too_large")
+        activate = str(form.get("activate", "false")).lower() in ("1", "true", "yes", "on")
         version = await call(self.ctx, "train_import", self._name(name), data, activate)
         return {"name": name, "version": version}
 

@@ -19,7 +19,7 @@ resident until its pins reach 0.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class AdapterNotLoaded(KeyError):
@@ -38,12 +38,14 @@ class Resident:
     name: str
     version: int
     slot: int
+    uid: int  # unique per install in this process: an adapter deleted and re-created as
+    # name@1 must never share prefix-cache KV with the old name@1
     pins: int = 0
     last_used: int = 0
-    cache_key: str = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.cache_key = f"{self.name}@{self.version}"
+    @property
+    def cache_key(self) -> str:
+        return f"{self.name}@{self.version}#{self.uid}"
 
 
 class AdapterManager:
@@ -53,6 +55,7 @@ class AdapterManager:
         self.by_slot: dict[int, Resident] = {}
         self.current: dict[str, int] = {}
         self._clock = itertools.count(1)
+        self._uids = itertools.count(1)
         self._published: set[str] = set()
         self.num_swaps = 0  # make_current installs of a name that had been current before
 
@@ -73,10 +76,13 @@ class AdapterManager:
         return (name, version) in self.residents
 
     def listing(self) -> list[dict]:
+        """A snapshot; safe to call from another thread (the copies below are single C-level
+        operations under the GIL, and nothing else iterates a live dict)."""
+        residents, current = list(self.residents.values()), dict(self.current)
         return [
             {"name": r.name, "version": r.version, "slot": r.slot, "pins": r.pins,
-             "current": self.current.get(r.name) == r.version}
-            for r in sorted(self.residents.values(), key=lambda r: (r.name, r.version))
+             "current": current.get(r.name) == r.version}
+            for r in sorted(residents, key=lambda r: (r.name, r.version))
         ]
 
     # -- changes -------------------------------------------------------------------------------
@@ -102,17 +108,22 @@ class AdapterManager:
         old = self.residents.get((name, version))
         if old is not None:
             self._drop(old)
-        entry = Resident(name, version, slot, last_used=next(self._clock))
+        entry = Resident(name, version, slot, uid=next(self._uids), last_used=next(self._clock))
         self.residents[(name, version)] = entry
         self.by_slot[slot] = entry
         if make_current:
-            previous = self.current.get(name)
-            self.current[name] = version
-            self.num_swaps += name in self._published
-            self._published.add(name)
-            if previous is not None and previous != version:
-                self._release_if_idle(self.residents.get((name, previous)))
+            self.make_current(name, version)
         return entry
+
+    def make_current(self, name: str, version: int) -> None:
+        """Flip `name` to a resident version (the hot swap's single assignment)."""
+        assert (name, version) in self.residents
+        previous = self.current.get(name)
+        self.current[name] = version
+        self.num_swaps += name in self._published
+        self._published.add(name)
+        if previous is not None and previous != version:
+            self._release_if_idle(self.residents.get((name, previous)))
 
     def pin(self, entry: Resident) -> None:
         entry.pins += 1

@@ -70,13 +70,17 @@ class _Stream:
         return self.unfinished <= 0
 
     async def next_batch(self) -> list[RequestOutput]:
-        await self.ready.wait()
+        """The outputs delivered since the last call (waiting for some); once they are all
+        handed out, a failure is raised. Outputs and a failure arriving together give the
+        outputs first, then the failure, never a wait."""
+        if not self.pending and self.error is None:
+            await self.ready.wait()
         self.ready.clear()
-        if self.error is not None and not self.pending:
-            raise self.error
-        batch = list(self.pending)
-        self.pending.clear()
-        return batch
+        if self.pending:
+            batch = list(self.pending)
+            self.pending.clear()
+            return batch
+        raise self.error
 
 
 class AsyncLLMEngine:
@@ -153,6 +157,8 @@ class AsyncLLMEngine:
     def _submit(self, command: tuple) -> None:
         self._commands.put(command)
         self._wakeup.set()
+        if self._error is not None:  # the loop died meanwhile: fail what it will never process
+            self._fail_pending_adds(EngineDeadError(f"the engine loop stopped: {self._error!r}"))
 
     # -- loop thread ---------------------------------------------------------------------------
 
@@ -174,7 +180,7 @@ class AsyncLLMEngine:
                     self.on_step(self._stats, elapsed)
         except BaseException as error:  # noqa: BLE001 - the loop must report whatever killed it
             log.exception("engine loop stopped")
-            self._error = error
+            self._error = error or RuntimeError("engine loop stopped")
             dead = EngineDeadError(f"the engine loop stopped: {error!r}")
             for stream in self._streams.values():
                 _call_soon(stream.loop, stream.fail, dead)

@@ -98,7 +98,6 @@ class BlockManager:
             ids.append(block)
             hashes.append(h)
             parent = h
-        self.prefix_queried_tokens += request.num_tokens
         return PrefixHit(tuple(ids), tuple(hashes))
 
     # -- allocation ----------------------------------------------------------------------------
@@ -111,8 +110,9 @@ class BlockManager:
         `request.num_computed_tokens` moves past them.
         """
         table = self.tables.get(request.seq_id, [])
+        admission = not table and request.num_computed_tokens == 0
         prefix = prefix or PrefixHit()
-        assert not prefix.block_ids or (request.num_computed_tokens == 0 and not table)
+        assert not prefix.block_ids or admission
         num_computed = request.num_computed_tokens + prefix.num_tokens(self.block_size)
         needed = self.blocks_needed(num_computed + num_new_tokens) - len(table) - len(prefix.block_ids)
         revived = sum(1 for b in prefix.block_ids if self.ref_counts[b] == 0)
@@ -131,6 +131,8 @@ class BlockManager:
         for _ in range(max(needed, 0)):
             table.append(self._pop_free())
         self.tables[request.seq_id] = table
+        if admission and self.enable_prefix_caching:
+            self.prefix_queried_tokens += request.num_tokens
         return True
 
     def _pop_free(self) -> int:

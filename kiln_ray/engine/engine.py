@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from kernels.dispatch import select_kernels
 from kernels.linear import prepack_available
 from kiln_ray.config import EngineConfig, KilnConfig, torch_dtype
-from kiln_ray.engine.adapter_manager import AdapterManager, AdapterNotLoaded
+from kiln_ray.engine.adapter_manager import AdapterManager
 from kiln_ray.engine.block_manager import BlockManager
 from kiln_ray.engine.request import Request, RequestOutput, RequestStatus
 from kiln_ray.engine.runner import ModelRunner, Sample
@@ -161,12 +160,14 @@ class LLMEngine:
                 f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"context limit of {self.max_model_len} tokens"
             )
-        # Room for max_num_seqs running plus max_waiting_requests queued behind them.
+        # Room for max_num_seqs running plus max_waiting_requests queued behind them, counting
+        # every sequence of a group (siblings waiting for their prefill too).
         capacity = self.config.max_num_seqs + self.config.max_waiting_requests
-        if self.scheduler.num_unfinished + params.n > capacity:
-            raise EngineFullError(
-                f"{self.scheduler.num_unfinished} sequences are running or waiting (limit {capacity})"
-            )
+        if params.n > capacity:
+            raise ValueError(f"n={params.n} exceeds this server's capacity of {capacity} sequences")
+        active = sum(1 for group in self.requests.values() for r in group if not r.status.finished)
+        if active + params.n > capacity:
+            raise EngineFullError(f"{active} sequences are running or waiting (limit {capacity})")
         entry = None if adapter is None else self.adapters.resolve(adapter, adapter_version)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         cache_key = None if entry is None else entry.cache_key  # KV of one adapter version only
@@ -206,6 +207,12 @@ class LLMEngine:
         pinned. Returns the slot. Raises AdapterSlotsFull or ValueError (rank/targets)."""
         if not self.config.max_loras:
             raise ValueError("LoRA serving is disabled (max_loras: 0)")
+        if self.adapters.is_resident(name, version):  # e.g. two first requests raced to load it
+            entry = self.adapters.resolve(name, version)
+            if make_current:
+                self.adapters.make_current(name, version)
+            return entry.slot
+        self.runner.adapter_slots.check(weights)  # before a slot is freed for it
         slot = self.adapters.reserve_slot()
         self.runner.adapter_slots.load(slot, weights)
         self.adapters.install(name, version, slot, make_current)
@@ -235,13 +242,10 @@ class LLMEngine:
         return self._process_samples(samples, [s.request for s in sched.sequences])
 
     def _process_samples(self, samples: list[Sample], computed: list[Request]) -> list[RequestOutput]:
-        now = time.monotonic()
         for req in computed:
             self.block_manager.cache_full_blocks(req)
         for sample in samples:
             sample.request.token_ids.append(sample.token_id)
-            if sample.request.first_token_time is None:
-                sample.request.first_token_time = now
         # Fork before any stop check can free the blocks the siblings share.
         for sample in samples:
             if sample.request.pending_siblings:

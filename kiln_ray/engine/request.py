@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +40,6 @@ class Request:
         index: int = 0,
         cache_key: str | None = None,
         stop_token_ids: frozenset[int] = frozenset(),
-        arrival_time: float | None = None,
     ):
         self.request_id = request_id
         self.index = index
@@ -55,9 +53,6 @@ class Request:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission
         self.status = RequestStatus.WAITING
         self.state_slot: int | None = None
-        self.num_preemptions = 0
-        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
-        self.first_token_time: float | None = None
         self.pending_siblings: list[Request] = []
         self.adapter = None  # the AdapterManager entry this sequence pinned, if any
         self.generator: torch.Generator | None = None

@@ -91,7 +91,7 @@ class ModelRunner:
                 device=self.device,
             )
         if self.caches.recurrent:
-            slots = torch.tensor([s.state_slot for s in seqs], dtype=torch.int64, device=self.device)
+            slots = torch.tensor([s.request.state_slot for s in seqs], dtype=torch.int64, device=self.device)
             ctx.states = StateMetadata(slots=slots, num_decodes=num_decodes)
         ctx.lora = self._lora_batch(seqs, cu)
 
@@ -142,14 +142,13 @@ class ModelRunner:
         return input_ids, positions, slot_mapping
 
     def _apply_copies(self, out: SchedulerOutput) -> None:
-        with torch.inference_mode():
-            for copy in out.block_copies:
-                for k_cache, v_cache in self.caches.kv:
-                    k_cache[copy.dst] = k_cache[copy.src]
-                    v_cache[copy.dst] = v_cache[copy.src]
-            for src, dst in out.state_copies:
-                for pool in (*self.caches.conv, *self.caches.recurrent):
-                    pool[dst] = pool[src]
-            for slot in out.state_resets:
-                for pool in (*self.caches.conv, *self.caches.recurrent):
-                    pool[slot].zero_()
+        for copy in out.block_copies:
+            for k_cache, v_cache in self.caches.kv:
+                k_cache[copy.dst] = k_cache[copy.src]
+                v_cache[copy.dst] = v_cache[copy.src]
+        for src, dst in out.state_copies:
+            for pool in (*self.caches.conv, *self.caches.recurrent):
+                pool[dst] = pool[src]
+        for slot in out.state_resets:
+            for pool in (*self.caches.conv, *self.caches.recurrent):
+                pool[slot].zero_()

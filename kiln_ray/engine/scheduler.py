@@ -26,7 +26,6 @@ class ScheduledSequence:
     request: Request
     num_new_tokens: int  # tokens [num_computed_tokens, num_computed_tokens + num_new_tokens) run now
     block_ids: tuple[int, ...]  # the sequence's block table for this step
-    state_slot: int | None
 
     @property
     def samples(self) -> bool:
@@ -121,7 +120,7 @@ class Scheduler:
             budget -= num_new
 
         out.sequences = [
-            ScheduledSequence(req, n, tuple(self.blocks.block_ids(req)), req.state_slot) for req, n in planned
+            ScheduledSequence(req, n, tuple(self.blocks.block_ids(req))) for req, n in planned
         ]
         return out
 
@@ -129,7 +128,6 @@ class Scheduler:
         self._release(req)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
-        req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 

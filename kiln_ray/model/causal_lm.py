@@ -90,7 +90,10 @@ class CausalLM(nn.Module):
             self.packed_tied_head = pack_weight(self.embed_tokens)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """input_ids, positions (T,) -> final hidden states (T, hidden) after the last norm."""
+        """input_ids, positions (T,) -> final hidden states (T, hidden) after the last norm.
+        Raises ValueError for a position beyond the rotary table (the model's context)."""
+        if positions.numel() and int(positions.max()) >= self.rotary.cos_sin.shape[0]:
+            raise ValueError(f"position {int(positions.max())} is beyond this model's {self.rotary.cos_sin.shape[0]} positions")
         x, residual = None, F.embedding(input_ids, self.embed_tokens).float()
         for layer in self.layers:
             if ctx.checkpoint_layers:

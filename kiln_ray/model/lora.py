@@ -89,6 +89,20 @@ def lora_sites(model: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS) -> 
     return sites
 
 
+def check_shapes(sites: dict[SiteKey, LoraSite], weights: LoraWeights) -> None:
+    """ValueError naming the first site whose A (r, in) / B (out, r) does not fit this model."""
+    for key, (a, b) in weights.modules.items():
+        site = sites.get(key)
+        if site is None:
+            raise ValueError(f"the adapter targets {key[1]} of layer {key[0]}, which this model does not have")
+        if tuple(a.shape) != (weights.rank, site.in_features) or tuple(b.shape) != (site.out_features, weights.rank):
+            raise ValueError(
+                f"{key[1]} of layer {key[0]}: adapter shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit this "
+                f"model (A ({weights.rank}, {site.in_features}), B ({site.out_features}, {weights.rank})): "
+                "was it trained for another base model?"
+            )
+
+
 def _part(linear: Linear, part: int) -> torch.Tensor:
     rows = linear.part_rows(part)
     return torch.arange(rows.start, rows.stop)
@@ -271,14 +285,19 @@ class AdapterSlots:
             for j, site in enumerate(sites):
                 self.columns[(site.layer, site.module)] = slice(j * max_rank, (j + 1) * max_rank)
 
-    def load(self, slot: int, weights: LoraWeights) -> None:
-        """Write an adapter into a slot (scale folded into B). Raises ValueError if its rank
-        exceeds max_rank or it targets a module this server does not adapt."""
+    def check(self, weights: LoraWeights) -> None:
+        """Raise ValueError unless the adapter fits a slot: rank, targets and every A/B shape
+        (an adapter trained for another base model fails here, not in the middle of a load)."""
         if weights.rank > self.max_rank:
             raise ValueError(f"adapter rank {weights.rank} exceeds max_lora_rank {self.max_rank}")
         missing = set(weights.modules) - set(self.sites)
         if missing:
             raise ValueError(f"adapter targets modules this server does not adapt: {sorted(missing)[:4]}")
+        check_shapes(self.sites, weights)
+
+    def load(self, slot: int, weights: LoraWeights) -> None:
+        """Write an adapter into a slot (scale folded into B); `check` first."""
+        self.check(weights)
         with torch.no_grad():
             for path in self.a:
                 self.a[path][slot].zero_()

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 from kiln_ray.adapters.archive import import_tar
 from kiln_ray.adapters.merge import merge_adapters
-from kiln_ray.adapters.store import AdapterNotFound, AdapterStore, validate_name
-from kiln_ray.model.lora import LoraWeights
+from kiln_ray.adapters.store import AdapterNotFound, AdapterStore, InvalidAdapter, validate_name
+from kiln_ray.model.lora import DEFAULT_TARGETS, LINEAR_ATTENTION_TARGETS, LoraWeights, check_shapes, lora_sites
 from kiln_ray.training.data import GroupBatch, TokenizedExample
 from kiln_ray.training.trainer import JobCancelled, StepReport, Trainer, TrainConfig, TrainResult
 
@@ -300,8 +300,20 @@ class TrainingService:
 
 
     def import_archive(self, name: str, data: bytes, activate: bool = False) -> int:
-        """A new version from an uploaded tar.gz (checked for size, entries, paths, links)."""
+        """A new version from an uploaded tar.gz (checked for size, entries, paths, links, and
+        that its shapes fit this base model; an unfit upload is removed again)."""
+        existed = self.store.exists(name)
         version = import_tar(self.store, name, data)
+        stored = self.store.load_version(name, version)
+        try:
+            check_shapes(lora_sites(self.trainer.model, DEFAULT_TARGETS + LINEAR_ATTENTION_TARGETS),
+                         LoraWeights.from_peft(stored.tensors, stored.config))
+        except ValueError as error:
+            if existed:
+                self.store.delete_version(name, version)
+            else:
+                self.store.delete(name)
+            raise InvalidAdapter(str(error)) from None
         return self.publish_stored(name, version, activate)
 
     def merge(self, name: str, sources: list[tuple[str, int | None, float]], method: str, density: float = 0.5) -> int:

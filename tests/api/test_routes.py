@@ -237,14 +237,31 @@ def test_full_queue_gets_429_with_retry_after(tiny_smol_dir):
         engine.shutdown()
 
 
-def test_metrics_endpoint_exports_kiln_metrics(http, sdk):
-    sdk.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=3)
-    text = http.get("/metrics").text
-    for name in ("kiln_requests_total", "kiln_time_to_first_token_seconds", "kiln_kv_blocks_total",
-                 "kiln_generation_tokens_total", "kiln_running_requests"):
-        assert name in text
-    assert 'route="/v1/chat/completions",status="200"' in text
+def metric(text: str, name: str, labels: str = "") -> float:
+    for line in text.splitlines():
+        if line.startswith(name + (("{" + labels + "}") if labels else " ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
-def test_every_request_frees_its_blocks(engine, http):
-    wait_idle(engine)
+def test_metrics_count_what_happened(http, sdk, engine):
+    route = 'route="/v1/chat/completions",status="200"'
+    before = http.get("/metrics").text
+    for _ in range(3):
+        sdk.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=5, extra_body={"ignore_eos": True})
+    after = http.get("/metrics").text
+    assert metric(after, "kiln_requests_total", route) - metric(before, "kiln_requests_total", route) == 3
+    assert metric(after, "kiln_generation_tokens_total") - metric(before, "kiln_generation_tokens_total") == 15
+    assert metric(after, "kiln_time_to_first_token_seconds_count") - metric(before, "kiln_time_to_first_token_seconds_count") == 3
+    # 5 tokens per request: the first is the TTFT, four inter-token gaps follow.
+    assert metric(after, "kiln_inter_token_latency_seconds_count") - metric(before, "kiln_inter_token_latency_seconds_count") == 12
+    assert metric(after, "kiln_kv_blocks_total") == engine.stats().kv_blocks_total > 0
+
+
+def test_every_request_frees_its_blocks_and_slots(engine, sdk):
+    for c in sdk.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=200, stream=True,
+                                         extra_body={"ignore_eos": True}):
+        break  # leave a stream early
+    sdk.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=5, n=3)
+    stats = wait_idle(engine)
+    assert stats.state_slots_used == 0 and not engine.engine.requests

@@ -155,6 +155,17 @@ def test_cancel_a_running_job(http):
     assert "long" not in {a["name"] for a in http.get("/v1/adapters").json()["adapters"]}
 
 
+def test_grpo_completions_longer_than_the_context_are_refused(http):
+    group = {"messages": ASK, "completions": [{"text": "word " * 3000, "reward": 1.0}, {"text": "x", "reward": 0.0}]}
+    r = http.post("/v1/train/grpo", json={"adapter": "rl", "groups": [group]})
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+
+
+def test_per_job_webhooks_are_off_unless_allowed(http):
+    r = http.post("/v1/train/sft", json={"examples": [{"messages": CONV}], "config": {"webhook_url": "http://169.254.169.254/x"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "config.webhook_url"
+
+
 def test_grpo_job(http):
     group = {"messages": ASK, "completions": [{"text": "Edda Brask.", "reward": 1.0}, {"text": "No idea.", "reward": 0.0}]}
     r = http.post("/v1/train/grpo", json={"adapter": "rl", "groups": [group, {**group, "completions": [

@@ -167,3 +167,43 @@ def test_adapter_manager_bookkeeping():
     m.unpin(a2)
     m.install("b", 1, 0, make_current=True)
     assert m.reserve_slot() == 1 and not m.is_resident("a", 2)  # idle current, least recently used: evicted
+
+
+def test_loading_a_resident_version_again_is_a_no_op(engine):
+    """Two first requests for a non-resident adapter may race to load it: the second load
+    must not drop the first's (possibly pinned) slot."""
+    w = random_adapter(engine.model, 11)
+    slot = engine.load_adapter("x", 1, w)
+    engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=20, ignore_eos=True), "x")
+    engine.step()
+    assert engine.load_adapter("x", 1, w) == slot  # no AssertionError, same slot, still pinned
+    assert engine.adapters.resolve("x").pins == 1
+    run_to_completion(engine)
+    assert_idle(engine)
+
+
+def test_a_recreated_adapter_never_reuses_the_old_ones_kv(engine):
+    """Delete x and create a new x@1: its prefix-cache key differs from the old x@1's."""
+    prompt = list(range(30, 60))
+    engine.load_adapter("x", 1, random_adapter(engine.model, 5))
+    alone(engine, prompt, "x")
+    old_key = engine.adapters.resolve("x").cache_key
+    engine.unload_adapter("x")
+    engine.load_adapter("x", 1, random_adapter(engine.model, 6))
+    assert engine.adapters.resolve("x").cache_key != old_key
+    hits = engine.stats().prefix_cache_hit_tokens
+    alone(engine, prompt, "x")
+    assert engine.stats().prefix_cache_hit_tokens == hits
+
+
+def test_an_adapter_for_another_model_is_refused_before_any_slot_changes(engine):
+    wrong = random_adapter(engine.model, 7)
+    key = next(iter(wrong.modules))
+    a, b = wrong.modules[key]
+    wrong.modules[key] = (torch.cat([a, a], dim=1), b)  # A's input width of another model
+    engine.load_adapter("keep", 1, random_adapter(engine.model, 8))
+    engine.load_adapter("keep2", 1, random_adapter(engine.model, 9))
+    engine.load_adapter("keep3", 1, random_adapter(engine.model, 10))
+    with pytest.raises(ValueError, match="another base model"):
+        engine.load_adapter("bad", 1, wrong)
+    assert {r["name"] for r in engine.adapters.listing()} == {"keep", "keep2", "keep3"}  # nothing evicted

@@ -62,23 +62,32 @@ def test_leaving_early_aborts_and_frees_blocks(engine):
         stream = engine.generate(req("early", 200))
         async for _ in stream:
             break
+        steps_at_exit = engine.stats().steps
         await stream.aclose()
         await wait_idle(engine)
+        return steps_at_exit
 
-    asyncio.run(main())
+    steps_at_exit = asyncio.run(main())
     assert "early" not in engine.engine.requests
+    assert engine.stats().steps - steps_at_exit < 20  # aborted, not run to its 200 tokens
 
 
 def test_cancelled_consumer_aborts(engine):
     async def main():
-        task = asyncio.create_task(collect(engine, req("cancel-me", 500)))
-        await asyncio.sleep(0.2)
+        task = asyncio.create_task(collect(engine, req("cancel-me", 400)))  # 5 + 400 < 512 positions
+        for _ in range(1000):  # until it is running
+            if engine.stats().steps >= 3:
+                break
+            await asyncio.sleep(0.005)
         task.cancel()
+        steps_at_cancel = engine.stats().steps
         with pytest.raises(asyncio.CancelledError):
             await task
         await wait_idle(engine)
+        return steps_at_cancel
 
-    asyncio.run(main())
+    steps_at_cancel = asyncio.run(main())
+    assert engine.stats().steps - steps_at_cancel < 20  # aborted, not run to its 400 tokens
 
 
 def test_refusals_raise_before_the_first_batch(engine):
@@ -143,3 +152,19 @@ def test_a_consumer_whose_event_loop_closed_does_not_kill_the_loop(engine):
     assert len(asyncio.run(main())[0]) == 5
     assert engine.is_alive()
     del orphan
+
+
+def test_outputs_and_a_failure_arriving_together_give_the_outputs_then_the_failure():
+    from kiln_ray.engine.async_engine import _Stream
+    from kiln_ray.engine.request import RequestOutput
+
+    async def main():
+        stream = _Stream(asyncio.get_running_loop(), 1)
+        stream.put([RequestOutput("r", 0, [7])])
+        stream.fail(EngineDeadError("gone"))  # both before the consumer wakes
+        first = await asyncio.wait_for(stream.next_batch(), 1)
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(stream.next_batch(), 1)  # raises at once, never waits
+        return first
+
+    assert asyncio.run(main())[0].new_token_ids == [7]

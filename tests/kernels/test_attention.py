@@ -112,3 +112,16 @@ def test_c_decode_kernel_is_built_on_this_machine():
     from kernels.attention import c_decode_available
 
     assert c_decode_available(torch.bfloat16)
+
+
+def test_c_decode_path_falls_back_for_a_float16_cache():
+    """The C kernel reads fp32 or bf16 buffers only; an fp16 cache must take the torch path
+    (it once read past its buffers)."""
+    from kernels.attention import paged_attention_cpu
+
+    query_lens, context_lens = LAYOUTS["decodes-only"]
+    k_cache, v_cache, meta = build(query_lens, context_lens, 2, 64, 16, torch.float16, seed=4)
+    q = torch.randn(sum(query_lens), 4, 64).to(torch.bfloat16)
+    got = paged_attention_cpu(q, k_cache, v_cache, meta, 0.125)
+    expected = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), meta, 0.125)
+    assert rel_rms(got.float(), expected) < 2e-2
