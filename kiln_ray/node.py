@@ -197,6 +197,8 @@ class ServingNode:
     async def unload(self, name: str) -> list[int]:
         if self.default_adapter == name:
             self.set_default(None)
+        for key in [k for k in self._weights if k[0] == name]:  # a re-created name@N is new weights
+            del self._weights[key]
         return await self.engine.call(lambda e: e.unload_adapter(name))
 
     async def delete(self, name: str) -> None:

@@ -123,6 +123,8 @@ class LLMEngine:
         return cls(model, config.engine, device)
 
     def _num_kv_blocks(self, kv_dtype: torch.dtype) -> int:
+        """Blocks that fit the budget after the linear-attention state slots (hybrid models:
+        one float32 recurrent state + conv window per running sequence) are taken from it."""
         cfg, ec = self.model.config, self.config
         if ec.num_kv_blocks is not None:
             return ec.num_kv_blocks
@@ -130,6 +132,17 @@ class LLMEngine:
         budget = ec.kv_cache_bytes
         if budget is None:
             budget = int(_free_memory(self.device) * ec.kv_cache_memory_fraction)
+        if cfg.is_hybrid:
+            per_slot = cfg.num_linear_attention_layers * (
+                cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
+                + cfg.linear_conv_dim * (cfg.linear_conv_kernel_dim - 1) * self.model.dtype.itemsize
+            )
+            budget -= per_slot * ec.max_num_seqs
+            if budget < per_block:
+                raise ValueError(
+                    f"the memory budget cannot hold {ec.max_num_seqs} state slots of {per_slot >> 20} MiB plus any "
+                    "KV cache: lower max_num_seqs or raise kv_cache_bytes / kv_cache_memory_fraction"
+                )
         # Never more than enough for every sequence at full length.
         most = ec.max_num_seqs * -(-self.max_model_len // ec.block_size)
         return max(1, min(budget // per_block, most))
