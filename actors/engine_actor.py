@@ -33,7 +33,7 @@ from kiln_ray.engine.request import RequestOutput
 from kiln_ray.metrics import Metrics
 from kiln_ray.model.lora import LoraWeights
 from kiln_ray.model.registry import served_model_name
-from kiln_ray.model.shared_weights import attach_weights, export_weights
+from kiln_ray.model.shared_weights import attach_weights, export_cuda_handles, export_weights
 from kiln_ray.node import AdapterChoice, ServingNode
 from kiln_ray.procinfo import process_memory
 from kiln_ray.training.service import Job, Publication
@@ -51,9 +51,9 @@ class KilnEngine:
         self.metrics = Metrics(ray_metrics=serve_metrics, prometheus=False)
         self._last_hits = self._last_preemptions = 0
         engine = LLMEngine.from_config(cfg)
-        # CPU: one copy of the base weights, in the object store, mapped by engine and trainer.
-        # CUDA sharing (IPC handles) is not implemented yet: there the trainer loads its own copy.
-        weights_ref = self._share_weights(engine.model) if engine.device.type == "cpu" else None
+        # One copy of the base weights per device, mapped by engine and trainer: in the object
+        # store on CPU, CUDA IPC handles on a GPU.
+        weights_ref = self._share_weights(engine.model) if cfg.training.enabled else None
         self.engine = AsyncLLMEngine(engine, on_step=self._on_step)
         AdapterStore(cfg.adapter_dir)  # make sure the folder exists before a read-only open
         self.node = ServingNode(self.engine, AdapterStore(cfg.adapter_dir, read_only=True), cfg.state_dir, None)
@@ -68,7 +68,10 @@ class KilnEngine:
 
     def _share_weights(self, model) -> ray.ObjectRef:
         """Move the base weights into the object store and serve from those buffers, so this
-        process keeps no private copy and the trainer maps the same memory."""
+        process keeps no private copy and the trainer maps the same memory. On CUDA only the
+        IPC handles travel; the weights stay in this process's GPU memory."""
+        if next(model.parameters()).device.type == "cuda":
+            return ray.put(export_cuda_handles(model))
         ref = ray.put(export_weights(model))
         shared = attach_weights(model, ray.get(ref))
         gc.collect()

@@ -27,7 +27,7 @@ from kiln_ray.config import KilnConfig
 from kiln_ray.model.causal_lm import CausalLM
 from kiln_ray.model.loader import load_model, read_model_config
 from kiln_ray.model.registry import served_model_name
-from kiln_ray.model.shared_weights import attach_weights
+from kiln_ray.model.shared_weights import attach_cuda_handles, attach_weights
 from kiln_ray.procinfo import process_memory
 from kiln_ray.training.service import Job, Publication, TrainingService
 from kiln_ray.training.trainer import Trainer
@@ -46,9 +46,14 @@ class TrainerActor:
         torch.set_num_threads(cfg.training.num_threads)
         torch.set_flush_denormal(True)
         dtype, device = cfg.torch_dtype(), cfg.torch_device()
-        if weights is None:  # no shared copy offered (CUDA): load our own
+        if weights is None:  # no shared copy offered: load our own
             model = load_model(cfg.model, dtype, device, select_kernels(device, "auto", dtype))
             self.shared_bytes = 0
+        elif device.type == "cuda":  # CUDA IPC handles of the engine's weights, on the same GPU
+            with torch.device(device):
+                model = CausalLM(read_model_config(cfg.model), select_kernels(device, "auto", dtype), dtype)
+            self.shared_bytes = attach_cuda_handles(model, weights)
+            torch.cuda.empty_cache()  # give back the placeholders the model was built with
         else:
             model = CausalLM(read_model_config(cfg.model), select_kernels(device, "auto", dtype), dtype)
             self.shared_bytes = attach_weights(model, weights)  # zero-copy views of the engine's weights

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -98,6 +98,11 @@ class KilnConfig(_Frozen):
     served_model_name: str | None = Field(None, description="the model id clients use; default: the model's name")
     num_threads: int | None = Field(None, ge=1, description="torch threads of the engine (default: all cores)")
     request_timeout_s: float = Field(600.0, gt=0, description="a generation request fails with 504 after this")
+    api_key: SecretStr | None = Field(None, description="required on every /v1 route when set (set it by env: KILN_API_KEY)")
+    admin_key: SecretStr | None = Field(
+        None, description="required on training and adapter-changing routes (KILN_ADMIN_KEY); default: the API key"
+    )
+    metrics_require_key: bool = Field(False, description="/metrics needs the API key too")
     engine: EngineConfig = EngineConfig()
     training: TrainingConfig = TrainingConfig()
     deploy: DeployConfig = DeployConfig()

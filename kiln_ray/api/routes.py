@@ -18,8 +18,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kiln_ray.api import openai_format as fmt
 from kiln_ray.api.chat import ChatFormatError, render_chat
+from kiln_ray.api.auth import KeyCheck, presented_key, required_access
 from kiln_ray.api.engine_client import EngineClient
-from kiln_ray.api.errors import APIError, engine_error, install_error_handlers
+from kiln_ray.api.errors import APIError, engine_error, error_response, install_error_handlers
 from kiln_ray.api.generation import ChoiceText, Delta
 from kiln_ray.api.schemas import BatchCompletionRequest, ChatCompletionRequest, CompletionRequest, SamplingFields
 from kiln_ray.api.training_routes import call, install_training_routes
@@ -68,11 +69,18 @@ def create_app(ctx: ServerContext) -> FastAPI:
     app = FastAPI(title="kiln-ray", version="0.1.0", description="OpenAI-compatible API of kiln-ray")
     install_error_handlers(app)
     api = _Routes(ctx)
+    keys = KeyCheck(ctx.config.api_key, ctx.config.admin_key)
 
     @app.middleware("http")
     async def _count(request: Request, call_next):
         request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        response = await call_next(request)
+        try:
+            access = required_access(request.method, request.url.path, ctx.config.metrics_require_key)
+            keys.check(access, presented_key(request.headers))
+        except APIError as refused:
+            response = error_response(refused)
+        else:
+            response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         ctx.metrics.inc("kiln_requests_total", route=path, status=str(response.status_code))

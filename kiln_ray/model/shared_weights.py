@@ -5,6 +5,12 @@ bfloat16): a shared-memory store such as Ray's object store hands them to every 
 the node without a copy, and `attach_weights` points the model's parameters at those buffers.
 The buffers are read-only; base weights are never written after loading (they do not require
 grad, and training only updates LoRA parameters).
+
+On CUDA the weights stay where the engine loaded them: `export_cuda_handles` gives CUDA IPC
+handles (torch.multiprocessing's tensor reduction, picklable, a few hundred bytes each) and
+`attach_cuda_handles` opens them in the trainer, on the same physical GPU (both actors sit in
+one placement-group bundle, so Ray gives them the same device). The engine keeps the tensors
+alive for as long as the trainer runs: they are its own weights.
 """
 
 from __future__ import annotations
@@ -46,6 +52,34 @@ def attach_weights(model: nn.Module, arrays: dict[str, np.ndarray]) -> int:
                 tensor = tensor.view(torch.bfloat16)
             _assign(model, name, tensor)
             shared += tensor.numel() * tensor.element_size()
+    return shared
+
+
+def export_cuda_handles(model: nn.Module) -> dict[str, tuple]:
+    """name -> (rebuild function, its arguments): CUDA IPC handles of every parameter."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    handles = {}
+    for name, tensor in _state(model).items():
+        if tensor.device.type != "cuda":
+            raise ValueError(f"{name} is on {tensor.device}, not a CUDA device: share it with export_weights")
+        handles[name] = reduce_tensor(tensor.detach())
+    return handles
+
+
+def attach_cuda_handles(model: nn.Module, handles: dict[str, tuple]) -> int:
+    """Open the engine's CUDA IPC handles and point the model's parameters at them (no copy,
+    no second allocation). Returns the bytes now shared."""
+    state = _state(model)
+    missing = set(state) - set(handles)
+    if missing:
+        raise ValueError(f"shared weights lack {sorted(missing)[:3]}")
+    shared = 0
+    for name in state:
+        rebuild, args = handles[name]
+        tensor = rebuild(*args)
+        _assign(model, name, tensor)
+        shared += tensor.numel() * tensor.element_size()
     return shared
 
 

@@ -20,15 +20,16 @@ from kiln_ray.training.trainer import Trainer
 MODEL_NAME = "tiny-smol"
 
 
-def make_app(model_dir, home=None, training: dict | None = None, **engine_overrides):
+def make_app(model_dir, home=None, training: dict | None = None, server: dict | None = None, **engine_overrides):
     """FastAPI app + its AsyncLLMEngine. With `home`, adapters live there and a local trainer
     (sharing the engine's model object: one copy of the weights) serves the training routes;
-    without, an empty adapter store and no trainer."""
+    without, an empty adapter store and no trainer. `server`: more top-level KilnConfig fields
+    (api keys, ...)."""
     train = home is not None
     home = home or tempfile.mkdtemp(prefix="kiln-test-home-")
     engine_cfg = EngineConfig(**{"num_kv_blocks": 512, "max_num_seqs": 32, **engine_overrides})
     config = KilnConfig(model=str(model_dir), engine=engine_cfg, request_timeout_s=60,
-                        home=str(home), training=TrainingConfig(**(training or {})))
+                        home=str(home), training=TrainingConfig(**(training or {})), **(server or {}))
     model = load_model(model_dir, torch.float32, "cpu")
     engine = AsyncLLMEngine(LLMEngine(model, engine_cfg))
     writer = AdapterStore(config.adapter_dir)  # created first: a read-only store needs the folder
