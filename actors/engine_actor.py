@@ -13,6 +13,7 @@ import asyncio
 import gc
 import logging
 import os
+import random
 from collections.abc import AsyncIterator
 
 import ray
@@ -50,6 +51,9 @@ class KilnEngine:
         self.model_name = served_model_name(cfg)
         self.metrics = Metrics(ray_metrics=serve_metrics, prometheus=False)
         self._last_hits = self._last_preemptions = 0
+        replica = serve.get_replica_context()
+        self.app_name = replica.app_name or "default"
+        self.replica_id = replica.replica_id.unique_id
         engine = LLMEngine.from_config(cfg)
         # One copy of the base weights per device, mapped by engine and trainer: in the object
         # store on CPU, CUDA IPC handles on a GPU.
@@ -79,11 +83,14 @@ class KilnEngine:
         return ref
 
     def _start_trainer(self, cfg: KilnConfig, weights_ref: ray.ObjectRef | None):
+        """The application's one trainer: created in this replica's bundle if no replica has
+        created it yet (this one leads), else the existing one (found by name)."""
         pg = get_current_placement_group()
         strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0) if pg else None
         use_gpu = torch.cuda.is_available()
         return TrainerActor.options(
-            name=f"KilnTrainer-{os.getpid()}",
+            name=f"KilnTrainer-{self.app_name}",
+            get_if_exists=True,
             num_cpus=cfg.deploy.trainer_cpus,
             num_gpus=(1 - cfg.deploy.engine_gpu_fraction) if use_gpu else 0,
             scheduling_strategy=strategy,
@@ -95,23 +102,23 @@ class KilnEngine:
         seen = 0
         while True:
             try:
-                batch = await self.trainer.next_publications.remote(seen)
+                batch = await self.trainer.next_publications.remote(seen, self.replica_id)
             except ray.exceptions.RayActorError as error:
-                log.error("the trainer died (%s); starting a new one", error)
-                await asyncio.sleep(1.0)
+                log.error("the trainer died (%s); starting a new one (or finding another replica's)", error)
+                await asyncio.sleep(1.0 + random.random())  # replicas do not all race to lead
                 self.trainer = self._start_trainer(self.config, self._weights_ref)
                 self.node.training = RemoteTraining(self.trainer)
                 seen = 0
                 continue
             for p in batch:
                 try:
-                    weights = LoraWeights.from_arrays(await p["weights"])
+                    weights = None if p["retire"] else LoraWeights.from_arrays(await p["weights"])
                     await self.node.apply(Publication(p["name"], p["version"], weights, p["make_current"],
-                                                      p["activate"], p["job_id"]))
+                                                      p["activate"], p["job_id"], p["retire"]))
                 except Exception:  # noqa: BLE001 - one bad version must not stop later ones
                     log.exception("could not serve %s@%d", p["name"], p["version"])
                 seen = p["seq"]
-                self.trainer.ack.remote(seen)
+                self.trainer.ack.remote(seen, self.replica_id)
 
     # -- what the ingress calls ----------------------------------------------------------------
 
@@ -126,7 +133,8 @@ class KilnEngine:
         return await call_node(self.node, method, *args)
 
     async def info(self) -> dict:
-        return {**engine_info(self.node, self.model_name), "memory": await self.memory(), "placement": await self.placement()}
+        return {**engine_info(self.node, self.model_name), "replica": self.replica_id,
+                "memory": await self.memory(), "placement": await self.placement()}
 
     async def placement(self) -> dict:
         """This replica's and its trainer's placement group and node: the same, by design."""
@@ -135,6 +143,8 @@ class KilnEngine:
         if self.trainer is not None:
             try:
                 out["trainer"] = await self.trainer.placement.remote()
+                out["trainer_leader"] = out["trainer"]["placement_group"] == out["engine"]["placement_group"]
+                out["publications"] = await self.trainer.publication_stats.remote()
             except ray.exceptions.RayActorError:
                 out["trainer"] = None
         return out
@@ -192,6 +202,9 @@ class RemoteTraining:
 
     async def delete(self, name: str) -> None:
         await self.actor.delete.remote(name)
+
+    async def retire(self, name: str) -> None:
+        await self.actor.retire.remote(name)
 
     async def import_archive(self, name: str, data: bytes, activate: bool) -> int:
         return await self.actor.import_archive.remote(name, data, activate)

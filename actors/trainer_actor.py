@@ -1,11 +1,17 @@
 """TrainerActor: the TrainingService in its own process, on the engine's device.
 
-Created by the KilnEngine replica inside the replica's own placement-group bundle (so the
+Created by a KilnEngine replica inside the replica's own placement-group bundle (so the
 two share one device) with its own CPU/GPU share. The base weights arrive as an ObjectRef of
-numpy arrays that Ray maps into this process without a copy, so engine and trainer hold ONE
-copy of them. Each adapter version the trainer writes is `ray.put` as numpy arrays; the
-engine long-polls `next_publications`, swaps the version in, and acknowledges it, and only
-then does the job count as completed (so "completed" means "served").
+numpy arrays that Ray maps into this process without a copy (CUDA: IPC handles), so engine
+and trainer hold ONE copy of them.
+
+One trainer per application, whatever the number of engine replicas: it is a named actor,
+and the first replica to ask creates it in its own bundle (the leader); the others find it by
+name. Each adapter version the trainer writes is `ray.put` once as numpy arrays; every engine
+replica long-polls `next_publications` (as a consumer with its replica id), swaps the version
+in and acknowledges it. A publication returns once every live consumer has acknowledged it,
+so a completed job is served by every replica. A replica that stops polling for
+CONSUMER_TTL_S is no longer waited for; a new one loads current versions from the store.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 
 import ray
 import torch
@@ -35,6 +42,7 @@ from kiln_ray.training.trainer import Trainer
 log = logging.getLogger("kiln_ray.trainer")
 
 ACK_TIMEOUT_S = 120.0
+CONSUMER_TTL_S = 30.0  # a consumer polls at least every 10 s (the long-poll timeout)
 
 
 @ray.remote
@@ -62,9 +70,10 @@ class TrainerActor:
                 p.float().sum()
         self.memory_after_touch = process_memory(os.getpid())
         self._publications: list[dict] = []
-        self._acks: dict[int, threading.Event] = {}
+        self._consumers: dict[str, tuple[int, float]] = {}  # replica -> (acked seq, last heard of)
+        self._acked = threading.Condition()
+        self.publish_latencies: list[float] = []  # publish -> every replica acknowledged, seconds
         self._seq = itertools.count(1)
-        self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None  # the actor's, known at the first poll
         self._new: asyncio.Event | None = None
         self.service = TrainingService(
@@ -88,27 +97,44 @@ class TrainerActor:
 
     def _publish(self, publication: Publication) -> None:
         seq = next(self._seq)
+        weights = None if publication.weights is None else ray.put(publication.weights.to_arrays())
         entry = {
-            "seq": seq, "name": publication.name, "version": publication.version,
-            "weights": ray.put(publication.weights.to_arrays()), "make_current": publication.make_current,
-            "activate": publication.activate, "job_id": publication.job_id,
+            "seq": seq, "name": publication.name, "version": publication.version, "weights": weights,
+            "make_current": publication.make_current, "activate": publication.activate,
+            "job_id": publication.job_id, "retire": publication.retire,
         }
-        acked = threading.Event()
-        with self._lock:
+        start = time.monotonic()
+        with self._acked:
             self._publications.append(entry)
-            self._acks[seq] = acked
+            waited_for = set(self._live_consumers())
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._new.set)
-        if not acked.wait(ACK_TIMEOUT_S):
-            log.warning("the engine did not acknowledge %s@%d within %.0f s", publication.name, publication.version, ACK_TIMEOUT_S)
+        with self._acked:
+            done = self._acked.wait_for(lambda: all(self._consumers.get(c, (0, 0))[0] >= seq
+                                                    for c in waited_for & set(self._live_consumers())),
+                                        ACK_TIMEOUT_S)
+        latency = time.monotonic() - start
+        self.publish_latencies.append(latency)
+        what = f"{publication.name} retired" if publication.retire else f"{publication.name}@{publication.version}"
+        if done:
+            log.info("%s served by %d engine replica(s) after %.0f ms", what, len(waited_for), latency * 1e3)
+        else:
+            log.warning("%s: not every engine replica acknowledged it within %.0f s", what, ACK_TIMEOUT_S)
 
-    async def next_publications(self, after: int, timeout: float = 10.0) -> list[dict]:
-        """Publications with seq > after; waits up to `timeout` for one (a long poll)."""
+    def _live_consumers(self) -> list[str]:
+        now = time.monotonic()
+        return [c for c, (_, seen) in self._consumers.items() if now - seen < CONSUMER_TTL_S]
+
+    async def next_publications(self, after: int, consumer: str = "engine", timeout: float = 10.0) -> list[dict]:
+        """Publications with seq > after; waits up to `timeout` for one (a long poll). Each
+        engine replica polls as its own consumer."""
         if self._loop is None:
             self._loop, self._new = asyncio.get_running_loop(), asyncio.Event()
         deadline = self._loop.time() + timeout
         while True:
-            with self._lock:
+            with self._acked:
+                acked, _ = self._consumers.get(consumer, (after, 0.0))
+                self._consumers[consumer] = (max(acked, after), time.monotonic())
                 ready = [p for p in self._publications if p["seq"] > after]
             if ready or self._loop.time() >= deadline:
                 return ready
@@ -118,13 +144,25 @@ class TrainerActor:
             except asyncio.TimeoutError:
                 pass
 
-    def ack(self, seq: int) -> None:
-        with self._lock:
-            self._publications = [p for p in self._publications if p["seq"] > seq]
-            done = [s for s in self._acks if s <= seq]
-            events = [self._acks.pop(s) for s in done]
-        for event in events:
-            event.set()
+    def ack(self, seq: int, consumer: str = "engine") -> None:
+        with self._acked:
+            acked, _ = self._consumers.get(consumer, (0, 0.0))
+            self._consumers[consumer] = (max(acked, seq), time.monotonic())
+            live = self._live_consumers()
+            oldest = min((self._consumers[c][0] for c in live), default=seq)
+            self._publications = [p for p in self._publications if p["seq"] > oldest]
+            self._acked.notify_all()
+
+    def publication_stats(self) -> dict:
+        """Engine replicas polling this trainer (their last acknowledged publication) and how
+        long publications took to reach all of them."""
+        with self._acked:
+            live = set(self._live_consumers())
+            consumers = {c: {"acked": a, "live": c in live} for c, (a, _) in self._consumers.items()}
+        ms = sorted(x * 1e3 for x in self.publish_latencies)
+        return {"consumers": consumers, "publications": len(ms),
+                "publish_to_all_ms_last": round(self.publish_latencies[-1] * 1e3, 1) if ms else None,
+                "publish_to_all_ms_p50": round(ms[len(ms) // 2], 1) if ms else None}
 
     # -- the TrainingBackend calls -------------------------------------------------------------
 
@@ -148,6 +186,9 @@ class TrainerActor:
 
     async def delete(self, name: str) -> None:
         await asyncio.to_thread(self.service.delete, name)
+
+    async def retire(self, name: str) -> None:
+        await asyncio.to_thread(self.service.retire, name)
 
     async def import_archive(self, name: str, data: bytes, activate: bool) -> int:
         return await asyncio.to_thread(self.service.import_archive, name, data, activate)

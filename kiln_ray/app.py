@@ -26,11 +26,6 @@ log = logging.getLogger(__name__)
 def build_app(args: dict) -> serve.Application:
     config = KilnConfig.from_args(args)
     use_gpu = _wants_gpu(config)
-    if config.training.enabled and config.deploy.engine_replicas > 1:
-        raise ValueError(
-            "engine_replicas > 1 with training enabled is not supported yet (one trainer must lead and fan "
-            "each adapter version out to every replica); use one replica or training.enabled: false"
-        )
     # Convert/locate the model once, here, so replicas never race to do it.
     config = config.model_copy(update={"model": str(resolve_model_path(config.model, config.home))})
     d = config.deploy

@@ -48,6 +48,7 @@ class TrainingBackend(Protocol):
     async def cancel(self, job_id: str) -> dict: ...
     async def rollback(self, name: str, version: int) -> int: ...
     async def delete(self, name: str) -> None: ...
+    async def retire(self, name: str) -> None: ...
     async def import_archive(self, name: str, data: bytes, activate: bool) -> int: ...
     async def merge(self, name: str, sources: list[tuple[str, int | None, float]], method: str, density: float) -> int: ...
 
@@ -164,7 +165,11 @@ class ServingNode:
     # -- publications and administration -------------------------------------------------------
 
     async def apply(self, publication: Publication) -> None:
-        """Serve a version the trainer just wrote: the hot swap."""
+        """Serve a version the trainer just wrote (the hot swap), or stop serving a name."""
+        if publication.retire:
+            versions = await self._unload_here(publication.name)
+            log.info("stopped serving %s%s", publication.name, f" (versions {versions})" if versions else "")
+            return
         await self._install(publication.name, publication.version, publication.weights, publication.make_current)
         if publication.activate:
             self.set_default(publication.name)
@@ -195,6 +200,14 @@ class ServingNode:
         return self.describe(name)
 
     async def unload(self, name: str) -> list[int]:
+        """Stop serving `name` here and, through the trainer, on every other engine replica.
+        Returns the versions this replica unloaded."""
+        versions = await self._unload_here(name)
+        if self.training is not None:
+            await self.training.retire(name)
+        return versions
+
+    async def _unload_here(self, name: str) -> list[int]:
         if self.default_adapter == name:
             self.set_default(None)
         for key in [k for k in self._weights if k[0] == name]:  # a re-created name@N is new weights
@@ -202,9 +215,10 @@ class ServingNode:
         return await self.engine.call(lambda e: e.unload_adapter(name))
 
     async def delete(self, name: str) -> None:
+        """Delete from the store; the trainer's retire publication unloads it everywhere."""
         if not self.store.exists(name):
             raise AdapterNotFound(f"adapter {name!r} does not exist")
-        await self.unload(name)
+        await self._unload_here(name)
         await self._training().delete(name)
 
     def download(self, name: str, version: int | None) -> bytes:
@@ -286,6 +300,9 @@ class LocalTraining:
 
     async def delete(self, name: str) -> None:
         await asyncio.to_thread(self.service.delete, name)
+
+    async def retire(self, name: str) -> None:
+        await asyncio.to_thread(self.service.retire, name)
 
     async def import_archive(self, name: str, data: bytes, activate: bool) -> int:
         return await asyncio.to_thread(self.service.import_archive, name, data, activate)

@@ -51,10 +51,3 @@ def test_readme_documents_every_config_field():
     fields += [f"`{s}.{n}`" for s, model in sections.items() for n in model.model_fields]
     missing = [f for f in fields if f not in readme]
     assert not missing, f"README configuration table misses {missing}"
-
-
-def test_several_engine_replicas_with_training_are_refused_until_fan_out_exists():
-    from kiln_ray.app import build_app
-
-    with pytest.raises(ValueError, match="engine_replicas > 1"):
-        build_app({"deploy": {"engine_replicas": 2}})

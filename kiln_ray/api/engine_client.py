@@ -58,6 +58,7 @@ def engine_info(node: ServingNode, model_name: str) -> dict:
         "last_batch_tokens": stats.last_batch_tokens,
         "peak_batch_seqs": stats.peak_batch_seqs,
         "adapters_resident": e.adapters.listing(),
+        "adapters_serving": dict(e.adapters.current),  # name -> the version new requests get
         "adapter_swaps": e.adapters.num_swaps,
         "default_adapter": node.default_adapter,
         "training": node.training is not None,

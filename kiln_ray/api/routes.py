@@ -24,6 +24,7 @@ from kiln_ray.api.errors import APIError, engine_error, error_response, install_
 from kiln_ray.api.generation import ChoiceText, Delta
 from kiln_ray.api.schemas import BatchCompletionRequest, ChatCompletionRequest, CompletionRequest, SamplingFields
 from kiln_ray.api.training_routes import call, install_training_routes
+from kiln_ray.api.ui import install_ui
 from kiln_ray.adapters.store import InvalidAdapterName, parse_ref
 from kiln_ray.node import AdapterChoice
 from kiln_ray.config import KilnConfig
@@ -94,6 +95,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     app.post("/v1/completions")(api.completions)
     app.post("/v1/completions/batch")(api.batch_completions)
     install_training_routes(app, ctx)
+    install_ui(app)
     return app
 
 

@@ -52,15 +52,21 @@ class JobState(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Publication:
-    """A version the engine should serve: `make_current` flips the name to it; `activate`
-    also makes it the server's default adapter."""
+    """A version every engine replica should serve: `make_current` flips the name to it;
+    `activate` also makes it the server's default adapter. A `retire` publication (no
+    weights) tells every replica to stop serving the name (unload, delete)."""
 
     name: str
     version: int
-    weights: LoraWeights
+    weights: LoraWeights | None
     make_current: bool = True
     activate: bool = False
     job_id: str | None = None
+    retire: bool = False
+
+    @classmethod
+    def retirement(cls, name: str) -> Publication:
+        return cls(name, 0, None, make_current=False, retire=True)
 
 
 @dataclass
@@ -292,6 +298,11 @@ class TrainingService:
         if not self.store.exists(name):
             raise AdapterNotFound(f"adapter {name!r} does not exist")
         self.store.delete(name)
+        self.publish(Publication.retirement(name))
+
+    def retire(self, name: str) -> None:
+        """Stop serving `name` on every engine replica (it stays in the store)."""
+        self.publish(Publication.retirement(name))
 
     def save_and_publish(self, name: str, tensors: dict, config: dict, activate: bool = False) -> int:
         """Store a new version built elsewhere (a merge) and serve it."""

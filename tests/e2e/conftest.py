@@ -1,4 +1,4 @@
-"""ONE real Ray Serve instance for the whole e2e session: `serve run` on a copy of
+"""ONE real Ray Serve instance for the whole e2e package (torn down before tests/multinode starts its cluster): `serve run` on a copy of
 serve_config.yaml (the product path), on its own port, with the real default model and a
 fresh kiln home (adapters) of its own.
 
@@ -16,7 +16,7 @@ from tests.e2e.serve_process import serve_run, write_config
 PORT = int(os.environ.get("KILN_E2E_PORT", "8765"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def serve_app(tmp_path_factory, default_model_dir):
     tmp = tmp_path_factory.mktemp("e2e")
     config = write_config(tmp / "serve_config.e2e.yaml", PORT, {
@@ -28,11 +28,11 @@ def serve_app(tmp_path_factory, default_model_dir):
         yield base
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def client(serve_app) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{serve_app}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def model_id(client) -> str:
     return client.models.list().data[0].id

@@ -32,12 +32,15 @@ def write_config(path: Path, port: int, args_update: dict) -> Path:
 
 
 @contextmanager
-def serve_run(config: Path, port: int, log_path: Path, timeout: float = 240.0, env: dict | None = None):
-    """Yield the base URL once /health answers 200; stop the app (and its local Ray cluster)
-    on exit."""
+def serve_run(config: Path, port: int, log_path: Path, timeout: float = 240.0, env: dict | None = None,
+              address: str | None = None):
+    """Yield the base URL once /health answers 200; stop the app (and the local Ray cluster
+    it started, unless it joined the cluster at `address`) on exit."""
     base = f"http://127.0.0.1:{port}"
     log = open(log_path, "w")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(env or {})}
+    # RAY_ADDRESS=local: a fresh local cluster, never one some `ray start` left on this machine.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": address or "local",
+           **(env or {})}
     bin_dir = Path(sys.executable).parent
     proc = subprocess.Popen([str(bin_dir / "serve"), "run", str(config)], cwd=config.parent, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
