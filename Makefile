@@ -40,8 +40,11 @@ test: model
 serve: model
 	$(VENV)/bin/serve run serve_config.yaml
 
+# Peers (vLLM CPU, llama.cpp, a bf16 GGUF) install once into bench/.peers/; BENCH_ARGS picks a
+# subset, e.g. make bench BENCH_ARGS="--systems vllm --concurrency 1,8 --prompt-tokens 128 --reps 1".
 bench: model
-	$(PY) bench/run.py
+	bash bench/install_peers.sh $(PY)
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 info: setup
 	$(VENV)/bin/kiln-ray info

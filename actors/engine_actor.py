@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import random
+import time
 from collections.abc import AsyncIterator
 
 import ray
@@ -35,7 +36,7 @@ from kiln_ray.metrics import Metrics
 from kiln_ray.model.lora import LoraWeights
 from kiln_ray.model.registry import served_model_name
 from kiln_ray.model.shared_weights import attach_weights, export_cuda_handles, export_weights
-from kiln_ray.node import AdapterChoice, ServingNode
+from kiln_ray.node import AdapterChoice, ServingNode, TrainerUnavailable
 from kiln_ray.procinfo import process_memory
 from kiln_ray.training.service import Job, Publication
 
@@ -50,7 +51,7 @@ class KilnEngine:
         self.config = cfg
         self.model_name = served_model_name(cfg)
         self.metrics = Metrics(ray_metrics=serve_metrics, prometheus=False)
-        self._last_hits = self._last_preemptions = 0
+        self._last_hits = self._last_preemptions = self._swaps_seen = 0
         replica = serve.get_replica_context()
         self.app_name = replica.app_name or "default"
         self.replica_id = replica.replica_id.unique_id
@@ -112,9 +113,11 @@ class KilnEngine:
                 continue
             for p in batch:
                 try:
+                    received = time.perf_counter()
                     weights = None if p["retire"] else LoraWeights.from_arrays(await p["weights"])
                     await self.node.apply(Publication(p["name"], p["version"], weights, p["make_current"],
                                                       p["activate"], p["job_id"], p["retire"]))
+                    self._record_swap(p, time.perf_counter() - received)
                 except Exception:  # noqa: BLE001 - one bad version must not stop later ones
                     log.exception("could not serve %s@%d", p["name"], p["version"])
                 seen = p["seq"]
@@ -163,6 +166,17 @@ class KilnEngine:
         if not self.engine.is_alive():
             raise RuntimeError(f"the engine loop is dead: {self.engine.error!r}")
 
+    def _record_swap(self, publication: dict, seconds: float) -> None:
+        if publication["retire"]:
+            self.metrics.set("kiln_adapter_version", 0, adapter=publication["name"])
+            return
+        swaps = self.engine.engine.adapters.num_swaps
+        self.metrics.inc("kiln_adapter_swaps_total", swaps - self._swaps_seen)
+        self._swaps_seen = swaps
+        self.metrics.observe("kiln_adapter_swap_seconds", seconds)
+        if publication["make_current"]:
+            self.metrics.set("kiln_adapter_version", publication["version"], adapter=publication["name"])
+
     def _on_step(self, stats: EngineStats, seconds: float) -> None:
         m = self.metrics
         m.set("kiln_running_requests", stats.running)
@@ -177,37 +191,44 @@ class KilnEngine:
 
 
 class RemoteTraining:
-    """The TrainerActor as a TrainingBackend."""
+    """The TrainerActor as a TrainingBackend. While the trainer is dead (and being started
+    again) its calls fail with TrainerUnavailable: a 503 with Retry-After, not a 500."""
 
     def __init__(self, actor):
         self.actor = actor
 
+    async def _call(self, method: str, *args):
+        try:
+            return await getattr(self.actor, method).remote(*args)
+        except ray.exceptions.RayActorError:
+            raise TrainerUnavailable("the trainer is restarting; retry shortly") from None
+
     async def submit(self, job: Job) -> dict:
-        return await self.actor.submit.remote(job)
+        return await self._call("submit", job)
 
     async def status(self, job_id: str) -> dict:
-        return await self.actor.status.remote(job_id)
+        return await self._call("status", job_id)
 
     async def list_jobs(self) -> list[dict]:
-        return await self.actor.list_jobs.remote()
+        return await self._call("list_jobs")
 
     async def queued(self) -> list[dict]:
-        return await self.actor.queued.remote()
+        return await self._call("queued")
 
     async def cancel(self, job_id: str) -> dict:
-        return await self.actor.cancel.remote(job_id)
+        return await self._call("cancel", job_id)
 
     async def rollback(self, name: str, version: int) -> int:
-        return await self.actor.rollback.remote(name, version)
+        return await self._call("rollback", name, version)
 
     async def delete(self, name: str) -> None:
-        await self.actor.delete.remote(name)
+        await self._call("delete", name)
 
     async def retire(self, name: str) -> None:
-        await self.actor.retire.remote(name)
+        await self._call("retire", name)
 
     async def import_archive(self, name: str, data: bytes, activate: bool) -> int:
-        return await self.actor.import_archive.remote(name, data, activate)
+        return await self._call("import_archive", name, data, activate)
 
     async def merge(self, name: str, sources: list, method: str, density: float) -> int:
-        return await self.actor.merge.remote(name, sources, method, density)
+        return await self._call("merge", name, sources, method, density)

@@ -24,6 +24,7 @@ import threading
 import time
 
 import ray
+import ray.util.metrics as ray_util_metrics
 import torch
 from ray.util.placement_group import get_current_placement_group
 
@@ -31,6 +32,7 @@ from kernels.dispatch import select_kernels
 from kiln_ray.adapters.store import AdapterStore
 from kiln_ray import logs
 from kiln_ray.config import KilnConfig
+from kiln_ray.metrics import Metrics
 from kiln_ray.model.causal_lm import CausalLM
 from kiln_ray.model.loader import load_model, read_model_config
 from kiln_ray.model.registry import served_model_name
@@ -83,6 +85,8 @@ class TrainerActor:
             max_queued_jobs=cfg.training.max_queued_jobs,
             webhook_url=cfg.training.webhook_url,
             base_model_name=served_model_name(cfg),
+            journal_dir=cfg.state_dir / "jobs",
+            upload_max_bytes=cfg.training.upload_max_bytes,
         )
         threading.Thread(target=self._start, args=(cfg.training.warm_up,), daemon=True, name="kiln-trainer-start").start()
         log.info("trainer ready: %.0f MiB of base weights shared with the engine", self.shared_bytes / 2**20)
@@ -92,6 +96,22 @@ class TrainerActor:
             log.info("trainer warm-up step took %.1f s", self.service.trainer.warm_up())
         self.memory_after_warm_up = process_memory(os.getpid())  # every weight has been read by now
         self.service.start()
+        threading.Thread(target=self._report_metrics, daemon=True, name="kiln-trainer-metrics").start()
+
+    def _report_metrics(self, period: float = 2.0) -> None:
+        """Training figures to Ray's Prometheus: jobs finished by state, and the running job's
+        loss and tokens/s."""
+        metrics = Metrics(ray_metrics=ray_util_metrics, prometheus=False)
+        counted = {j["job_id"] for j in self.service.list_jobs() if j["finished_at"] is not None}  # earlier processes
+        while True:
+            for status in self.service.list_jobs():
+                if status["finished_at"] is not None and status["job_id"] not in counted:
+                    counted.add(status["job_id"])
+                    metrics.inc("kiln_training_jobs_total", job_type=status["job_type"], state=status["state"])
+                elif status["state"] == "running" and status["current_loss"] is not None:
+                    metrics.set("kiln_training_loss", status["current_loss"], adapter=status["adapter"])
+                    metrics.set("kiln_training_tokens_per_second", status["tokens_per_second"] or 0, adapter=status["adapter"])
+            time.sleep(period)
 
     # -- publications (called from the service's worker thread) --------------------------------
 

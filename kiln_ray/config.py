@@ -84,7 +84,9 @@ class TrainingConfig(_Frozen):
     early_stop_loss: float | None = Field(0.05, ge=0, description="stop a job once its examples' loss is below this")
     kl_coeff: float = Field(0.04, ge=0, description="GRPO: weight of the KL to the base model")
     clip_epsilon: float = Field(0.2, gt=0, description="GRPO: ratio clipping")
-    upload_max_bytes: int = Field(256 << 20, ge=1, description="largest adapter upload accepted")
+    upload_max_bytes: int = Field(
+        256 << 20, ge=1, description="largest adapter upload accepted: the tar.gz, and separately what it expands to"
+    )
 
 
 class KilnConfig(_Frozen):

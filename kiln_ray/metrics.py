@@ -46,6 +46,14 @@ DEFINITIONS = (
     MetricDef("kiln_kv_blocks_total", "gauge", "KV cache blocks in all"),
     MetricDef("kiln_prefix_cache_hit_tokens_total", "counter", "prompt tokens served from the prefix cache"),
     MetricDef("kiln_preemptions_total", "counter", "sequences preempted for lack of KV blocks"),
+    # adapters: the hot swap
+    MetricDef("kiln_adapter_swaps_total", "counter", "hot swaps: a new version made current for a name already served"),
+    MetricDef("kiln_adapter_swap_seconds", "histogram", "publication received -> version served", buckets=LATENCY_BUCKETS),
+    MetricDef("kiln_adapter_version", "gauge", "version new requests get, per adapter", ("adapter",)),
+    # training
+    MetricDef("kiln_training_jobs_total", "counter", "training jobs finished, by type and state", ("job_type", "state")),
+    MetricDef("kiln_training_loss", "gauge", "latest step loss of the running job, per adapter", ("adapter",)),
+    MetricDef("kiln_training_tokens_per_second", "gauge", "training throughput of the running job", ("adapter",)),
 )
 
 
@@ -62,18 +70,20 @@ class Metrics:
             if ray_metrics is not None:
                 self._ray[d.name] = _ray_metric(d, ray_metrics)
 
-    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+    # to_ray=False: a figure the ingress copies from the engine for its own /metrics text; the
+    # engine reports it to Ray itself, so the ingress must not report it again.
+    def inc(self, name: str, amount: float = 1.0, *, to_ray: bool = True, **labels: str) -> None:
         if amount <= 0:
             return
         if name in self._prom:
             _labelled(self._prom[name], labels).inc(amount)
-        if name in self._ray:
+        if to_ray and name in self._ray:
             self._ray[name].inc(amount, tags=labels or None)
 
-    def set(self, name: str, value: float, **labels: str) -> None:
+    def set(self, name: str, value: float, *, to_ray: bool = True, **labels: str) -> None:
         if name in self._prom:
             _labelled(self._prom[name], labels).set(value)
-        if name in self._ray:
+        if to_ray and name in self._ray:
             self._ray[name].set(value, tags=labels or None)
 
     def observe(self, name: str, value: float, **labels: str) -> None:

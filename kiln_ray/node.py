@@ -57,6 +57,10 @@ class TrainingDisabled(RuntimeError):
     """This server runs no trainer."""
 
 
+class TrainerUnavailable(RuntimeError):
+    """The trainer process died and is being started again."""
+
+
 @dataclass(frozen=True)
 class AdapterChoice:
     """What a generation request asked for, before it is resolved to a resident slot."""

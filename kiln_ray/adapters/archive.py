@@ -7,7 +7,8 @@
 
 Import never extracts to disk. It streams the archive through two byte counters (compressed
 and decompressed), checks every member header before reading its data, reads the two files
-into memory, validates them as a PEFT LoRA adapter, and only then calls `save_version`. So
+into memory, validates them as a PEFT LoRA adapter (`read_tar`), and only then calls
+`save_version` (`import_tar`; a caller with more checks to make runs them in between). So
 an archive with traversal paths, links, devices, too many entries or a decompression bomb is
 refused before anything is written, and the store's own atomic write does the rest.
 """
@@ -74,20 +75,36 @@ def import_tar(
 ) -> int:
     """Validate a tar.gz adapter upload and save it as a new version of `name`; return it.
 
-    Limits: `max_bytes` bounds the compressed size and, separately, the decompressed stream
-    (headers included); `max_member_bytes` (default `max_bytes`) bounds each file;
-    `max_entries` bounds the member count. Raises InvalidAdapterName for a bad name and
-    UnsafeArchive for anything else wrong with the archive; the store is then unchanged.
+    Raises InvalidAdapterName for a bad name (before reading anything) and UnsafeArchive for
+    anything wrong with the archive (see `read_tar` for the limits); the store is then unchanged.
     """
     validate_name(name)
+    tensors, config = read_tar(data, max_bytes=max_bytes, max_entries=max_entries,
+                               max_member_bytes=max_member_bytes)
+    return store.save_version(name, tensors, config)
+
+
+def read_tar(
+    data: bytes | BinaryIO,
+    *,
+    max_bytes: int = 512 * MiB,
+    max_entries: int = 16,
+    max_member_bytes: int | None = None,
+) -> tuple[dict, dict]:
+    """Validate a tar.gz adapter upload in memory; return its PEFT (tensors, config).
+
+    Limits: `max_bytes` bounds the compressed size and, separately, the decompressed stream
+    (headers included); `max_member_bytes` (default `max_bytes`) bounds each file;
+    `max_entries` bounds the member count. Raises UnsafeArchive for anything wrong; writes
+    nothing.
+    """
     if isinstance(data, (bytes, bytearray, memoryview)):
         if len(data) > max_bytes:
             raise UnsafeArchive(f"archive is {len(data)} bytes compressed; limit {max_bytes}")
         data = io.BytesIO(data)
     member_limit = max_bytes if max_member_bytes is None else max_member_bytes
     files = _read_members(data, max_bytes, max_entries, member_limit)
-    tensors, config = _parse_adapter(files)
-    return store.save_version(name, tensors, config)
+    return _parse_adapter(files)
 
 
 class _LimitedReader(io.RawIOBase):

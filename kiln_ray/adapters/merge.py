@@ -35,7 +35,8 @@ def merge_adapters(
 
     `density` (ties only) is the fraction of each delta's entries kept by magnitude.
     Raises ValueError for an unknown method, invalid adapters, different base models or
-    module shapes, a zero total weight (weighted_average), or density outside (0, 1].
+    module shapes, a zero total weight (weighted_average), density outside (0, 1], or merged
+    weights that are not finite.
     """
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}; expected one of {METHODS}")
@@ -78,8 +79,8 @@ def merge_adapters(
             b, a = _low_rank_svd(b_stack, torch.cat([a for a, _ in factors], dim=0), r_out)
         else:
             b, a = _svd(ties_delta([b @ a for a, b in factors], density), r_out)
-        merged[f"{path}.lora_A.weight"] = a
-        merged[f"{path}.lora_B.weight"] = b
+        merged[f"{path}.lora_A.weight"] = _finite(a)
+        merged[f"{path}.lora_B.weight"] = _finite(b)
 
     dtypes = (t.dtype for tensors, _, _ in inputs for t in tensors.values())
     dtype = reduce(torch.promote_types, dtypes)
@@ -117,6 +118,15 @@ def ties_delta(deltas: list[Tensor], density: float) -> Tensor:
     return (trimmed * agrees).sum(0) / count
 
 
+def _finite(t: Tensor) -> Tensor:
+    """`t`, or ValueError if it holds inf/NaN (merge weights too large for float32, or an input
+    adapter that is not finite): the SVD cannot take it, and such an adapter generates NaN."""
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("the merged weights are not finite: merge weights too large, or an input adapter "
+                         "holds inf/NaN")
+    return t
+
+
 def _module_shapes(pairs: list[dict[str, tuple[Tensor, Tensor]]]) -> dict[str, tuple[int, int]]:
     """{module path: (out, in)} over all inputs; every input must agree on each shape."""
     shapes: dict[str, tuple[int, int]] = {}
@@ -133,7 +143,7 @@ def _module_shapes(pairs: list[dict[str, tuple[Tensor, Tensor]]]) -> dict[str, t
 
 def _svd(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Best rank-`rank` factors (B (out, rank), A (rank, in)) of delta, B @ A ≈ delta."""
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    u, s, vh = torch.linalg.svd(_finite(delta), full_matrices=False)
     return _truncate(u, s, vh, rank)
 
 
@@ -143,9 +153,9 @@ def _low_rank_svd(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     b = Qb Rb and aᵀ = Qa Ra (thin QR), so b @ a = Qb (Rb Raᵀ) Qaᵀ and the SVD of the small
     core Rb Raᵀ = U S Vh gives b @ a = (Qb U) S (Vh Qaᵀ).
     """
-    qb, rb = torch.linalg.qr(b)  # (out, kb), (kb, R)
-    qa, ra = torch.linalg.qr(a.T)  # (in, ka), (ka, R)
-    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    qb, rb = torch.linalg.qr(_finite(b))  # (out, kb), (kb, R)
+    qa, ra = torch.linalg.qr(_finite(a).T)  # (in, ka), (ka, R)
+    u, s, vh = torch.linalg.svd(_finite(rb @ ra.T), full_matrices=False)
     return _truncate(qb @ u, s, vh @ qa.T, rank)
 
 

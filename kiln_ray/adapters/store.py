@@ -7,7 +7,7 @@
     <root>/<name>/v<N>/adapter_model.safetensors
     <root>/<name>/v<N>/optimizer.pt             optional trainer state, opaque bytes
 
-    meta.json  {"name", "created_at", "current_version", "last_version",
+    meta.json  {"name", "created_at", "current_version", "last_version", "examples_bytes",
                 "versions": {"<N>": {"created_at", "parent", "job_id", "metrics"}}}
 
 A version directory is exactly what `peft.PeftModel.from_pretrained` (and vLLM) load; its
@@ -17,9 +17,13 @@ tensor keys are `base_model.model.model.layers.{i}.{self_attn|mlp|linear_attn}.{
 Crash safety. Every write is staged in `<root>/.tmp/` (same filesystem), fsynced, then moved
 into place with one rename; meta.json is replaced with `os.replace`. meta.json is the commit
 point: a version directory not listed there is a leftover of an interrupted save, invisible
-to readers and removed when a writer opens the store. So after a crash a reader sees either
-the old state or the new one. Version numbers are never reused (`last_version`), so
-`name@N` always means the same weights.
+to readers and removed when a writer opens the store. examples.jsonl is append-only and
+meta.json records how many of its bytes are committed (`examples_bytes`; absent in stores
+written before it existed: the whole file). Readers read that prefix, so examples saved with
+a version appear with it, and the tail of a failed or interrupted append stays invisible
+until the next append cuts it off. So after a crash or a full disk a reader sees either the
+old state or the new one. Version numbers are never reused (`last_version`), so `name@N`
+always means the same weights.
 
 Concurrency. One process (the trainer) writes, through one `AdapterStore`; its methods are
 thread-safe (a lock serialises every mutation). Other processes open the store with
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -42,7 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as serialize_safetensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -50,6 +56,8 @@ OPTIMIZER_FILE = "optimizer.pt"
 META_FILE = "meta.json"
 EXAMPLES_FILE = "examples.jsonl"
 TMP_DIR = ".tmp"
+
+log = logging.getLogger("kiln_ray.adapters")
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _VERSION_DIR = re.compile(r"v([1-9][0-9]*)")
@@ -278,11 +286,14 @@ class AdapterStore:
         return AdapterVersion(name, version, tensors, config, optimizer_state)
 
     def load_examples(self, name: str) -> list[dict]:
-        self.meta(name)
+        """The committed examples, oldest first."""
+        meta = self.meta(name)
         path = self._name_dir(name) / EXAMPLES_FILE
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        with open(path, "rb") as f:
+            data = f.read(meta.get("examples_bytes"))  # None (an older store): the whole file
+        return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
 
     # --- writing ---
 
@@ -296,17 +307,20 @@ class AdapterStore:
         job_id: str | None = None,
         metrics: dict | None = None,
         optimizer_state: bytes | None = None,
+        examples: list[dict] | None = None,
     ) -> int:
         """Write a new version (number = highest ever issued + 1) and make it current.
 
         `config` is laid over the PEFT defaults (see `lora_config`); the pair must pass
-        `check_adapter`. `parent` is a version of the same adapter. On any OSError (e.g. disk
-        full) nothing changes and AdapterStoreError is raised.
+        `check_adapter`. `parent` is a version of the same adapter. `examples` (the training
+        examples of this version) are appended to the adapter's examples in the same commit.
+        On any OSError (e.g. disk full) nothing changes and AdapterStoreError is raised.
         """
         self._require_writable()
         validate_name(name)
         config = lora_config(config)
         check_adapter(tensors, config)
+        lines = _example_lines(examples or [])
         try:
             json.dumps({"job_id": job_id, "metrics": metrics})
         except (TypeError, ValueError) as e:
@@ -324,7 +338,7 @@ class AdapterStore:
             }
             meta["current_version"] = meta["last_version"] = version
             try:
-                self._commit_version(name, meta, is_new, tensors, config, optimizer_state)
+                self._commit_version(name, meta, is_new, tensors, config, optimizer_state, lines)
             except OSError as e:
                 raise AdapterStoreError(
                     f"could not save adapter {name!r} version {version}: {_describe(e)}; "
@@ -366,19 +380,10 @@ class AdapterStore:
     def append_examples(self, name: str, examples: list[dict]) -> None:
         """Append examples to `examples.jsonl`; all of them or none become visible."""
         self._require_writable()
-        lines = []
-        for example in examples:
-            if not isinstance(example, dict):
-                raise ValueError(f"an example must be a JSON object, got {type(example).__name__}")
-            lines.append(json.dumps(example, ensure_ascii=False) + "\n")
+        lines = _example_lines(examples)
         with self._lock:
-            self.meta(name)
-            path = self._name_dir(name) / EXAMPLES_FILE
-            old = path.read_bytes() if path.is_file() else b""
-            self._guarded(
-                f"append examples to {name!r}", self._replace_file, path,
-                old + "".join(lines).encode(),
-            )
+            meta = self.meta(name)
+            self._guarded(f"append examples to {name!r}", self._commit_examples, name, meta, lines)
 
     # --- internals ---
 
@@ -398,7 +403,7 @@ class AdapterStore:
     def _new_meta(self, name: str) -> dict:
         return {
             "name": name, "created_at": time.time(), "current_version": None,
-            "last_version": 0, "versions": {},
+            "last_version": 0, "examples_bytes": 0, "versions": {},
         }
 
     @staticmethod
@@ -426,16 +431,20 @@ class AdapterStore:
 
     def _commit_version(
         self, name: str, meta: dict, is_new: bool, tensors: dict[str, torch.Tensor],
-        config: dict, optimizer_state: bytes | None,
+        config: dict, optimizer_state: bytes | None, examples: bytes,
     ) -> None:
         """Stage meta's current version in .tmp and commit it. A new adapter appears with one
-        rename (meta.json included); otherwise the version directory is renamed into place and
-        meta.json replaced, and the rename is undone if that fails."""
+        rename (meta.json and examples included); otherwise the examples are appended past the
+        committed ones, the version directory is renamed into place and meta.json replaced,
+        and the first two are undone if a later step fails."""
         version = meta["current_version"]
         staging = self._staging_dir()
         try:
             if is_new:
                 self._write_version(staging / f"v{version}", tensors, config, optimizer_state)
+                if examples:
+                    _write_bytes(staging / EXAMPLES_FILE, examples)
+                meta["examples_bytes"] = len(examples)
                 self._write_meta_file(staging / META_FILE, meta)
                 self._commit_rename(staging, self._name_dir(name))
                 return
@@ -443,15 +452,50 @@ class AdapterStore:
             if target.exists():  # an uncommitted leftover; not part of the state
                 self._discard(target)
             self._write_version(staging, tensors, config, optimizer_state)
-            self._commit_rename(staging, target)
+            path, kept = self._examples_kept(name, meta)
+            renamed = False
             try:
+                self._append_examples(path, kept, meta, examples)
+                self._commit_rename(staging, target)
+                renamed = True
                 self._write_meta(name, meta)
             except Exception:
-                self._discard(target)
+                if examples:
+                    _cut(path, kept)
+                if renamed:
+                    self._discard(target)
                 raise
         except Exception:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+    def _commit_examples(self, name: str, meta: dict, examples: bytes) -> None:
+        path, kept = self._examples_kept(name, meta)
+        try:
+            self._append_examples(path, kept, meta, examples)
+            self._write_meta(name, meta)
+        except Exception:
+            if examples:
+                _cut(path, kept)
+            raise
+
+    def _examples_kept(self, name: str, meta: dict) -> tuple[Path, int | None]:
+        """examples.jsonl and how many of its bytes are committed (None: there is no file)."""
+        path = self._name_dir(name) / EXAMPLES_FILE
+        if not path.is_file():
+            return path, None
+        committed = meta.get("examples_bytes")  # None in an older store: the whole file
+        return path, path.stat().st_size if committed is None else committed
+
+    @staticmethod
+    def _append_examples(path: Path, kept: int | None, meta: dict, examples: bytes) -> None:
+        """Write `examples` after the `kept` committed bytes (cutting off any uncommitted
+        tail) and record the new length in `meta`; they stay invisible until meta.json is
+        replaced with it."""
+        if examples:
+            _write_at(path, kept or 0, examples)
+            _fsync_dir(path.parent)  # a new file's name must be durable before meta.json
+        meta["examples_bytes"] = (kept or 0) + len(examples)
 
     def _write_version(
         self, vdir: Path, tensors: dict[str, torch.Tensor], config: dict,
@@ -459,37 +503,39 @@ class AdapterStore:
     ) -> None:
         vdir.mkdir(exist_ok=True)
         _write_bytes(vdir / CONFIG_FILE, json.dumps(config, indent=2).encode())
-        save_file(tensors, str(vdir / WEIGHTS_FILE), metadata={"format": "pt"})
-        _fsync_file(vdir / WEIGHTS_FILE)
+        # Serialised here and written by `_write_bytes`: safetensors' own file writer reports a
+        # full disk as a SafetensorError, without the errno.
+        _write_bytes(vdir / WEIGHTS_FILE, serialize_safetensors(tensors, metadata={"format": "pt"}))
         if optimizer_state is not None:
             _write_bytes(vdir / OPTIMIZER_FILE, optimizer_state)
         _fsync_dir(vdir)
 
     def _commit_rename(self, src: Path, dst: Path) -> None:
+        """Move a staged directory into place durably; if that fails it is back at `src`."""
         os.rename(src, dst)
-        _fsync_dir(dst.parent)
+        try:
+            _fsync_dir(dst.parent)
+        except OSError:
+            os.rename(dst, src)
+            raise
 
     def _write_meta(self, name: str, meta: dict) -> None:
+        """Replace meta.json: the commit. Once the replace is done the new state is visible,
+        so nothing after it may fail the caller (who would undo what meta.json now lists)."""
         tmp = self._tmp / f"{uuid.uuid4().hex}.json"
         try:
             self._write_meta_file(tmp, meta)
             os.replace(tmp, self._name_dir(name) / META_FILE)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(self._name_dir(name))
+        try:
+            _fsync_dir(self._name_dir(name))
+        except OSError as e:  # a power loss may bring back the old state, which is consistent
+            log.warning("committed %r but could not fsync its directory: %s", name, e)
 
     @staticmethod
     def _write_meta_file(path: Path, meta: dict) -> None:
         _write_bytes(path, json.dumps(meta, indent=2).encode())
-
-    def _replace_file(self, path: Path, data: bytes) -> None:
-        tmp = self._tmp / uuid.uuid4().hex
-        try:
-            _write_bytes(tmp, data)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
 
     def _discard(self, path: Path) -> None:
         """Remove a directory: one rename out of sight, then delete at leisure."""
@@ -518,19 +564,42 @@ def _describe(error: OSError) -> str:
     return str(error)
 
 
+def _example_lines(examples: list[dict]) -> bytes:
+    lines = []
+    for example in examples:
+        if not isinstance(example, dict):
+            raise ValueError(f"an example must be a JSON object, got {type(example).__name__}")
+        lines.append(json.dumps(example, ensure_ascii=False) + "\n")
+    return "".join(lines).encode()
+
+
 def _write_bytes(path: Path, data: bytes) -> None:
+    """Create `path` holding `data`, durably. Every new file of the store is written here."""
     with open(path, "xb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _write_at(path: Path, offset: int, data: bytes) -> None:
+    """Cut `path` (created if missing) to `offset` bytes and write `data` there, durably."""
+    with open(path, "ab") as f:
+        f.truncate(offset)
+        f.write(data)  # append mode: writes go to the end, which is now `offset`
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _cut(path: Path, length: int | None) -> None:
+    """Best effort: cut `path` back to `length` bytes (None: remove it). Needs no free space;
+    if it fails anyway, the tail stays invisible and the next append cuts it off."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        if length is None:
+            path.unlink(missing_ok=True)
+        else:
+            os.truncate(path, length)
+    except OSError as e:
+        log.warning("could not cut %s back to %s bytes: %s", path, length, e)
 
 
 def _fsync_dir(path: Path) -> None:

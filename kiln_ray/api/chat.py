@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -35,13 +36,16 @@ TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
-# apply_chat_template's own parameters: a request may not override them through kwargs.
+# What the renderer supplies itself, which a request may not override through kwargs:
+# apply_chat_template's and render_jinja_template's parameters, the names the template is
+# rendered with (`messages`), and the template's globals (a kwarg would shadow a function the
+# template calls). `render_chat` adds the tokenizer's special-token names (`bos_token`, ...).
 _RESERVED_TEMPLATE_KWARGS = frozenset({
-    "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+    "conversation", "conversations", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
     "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation",
     "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
     "tokenizer_kwargs",
-})
+}) | frozenset(ImmutableSandboxedEnvironment().globals) | {"raise_exception", "strftime_now"}
 _REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -83,7 +87,7 @@ def render_chat(
     if not messages:
         raise ChatFormatError("messages must contain at least one message")
     template_kwargs = dict(chat_template_kwargs or {})
-    reserved = sorted(template_kwargs.keys() & _RESERVED_TEMPLATE_KWARGS)
+    reserved = sorted(template_kwargs.keys() & (_RESERVED_TEMPLATE_KWARGS | tokenizer.special_tokens_map.keys()))
     if reserved:
         raise ChatFormatError(f"chat_template_kwargs may not set {reserved}")
     tools = tools or None

@@ -67,7 +67,7 @@ def engine_error(error: BaseException) -> APIError | None:
     from kiln_ray.engine.adapter_manager import AdapterNotLoaded, AdapterSlotsFull
     from kiln_ray.engine.async_engine import EngineDeadError
     from kiln_ray.engine.engine import EngineFullError
-    from kiln_ray.node import TrainingDisabled
+    from kiln_ray.node import TrainerUnavailable, TrainingDisabled
     from kiln_ray.training.service import JobNotFound, QueueFull
 
     cause = getattr(error, "cause", None) or error
@@ -85,6 +85,8 @@ def engine_error(error: BaseException) -> APIError | None:
         return APIError(503, text, code="adapter_slots_full", headers={"Retry-After": "1"})
     if isinstance(error, EngineDeadError):
         return APIError(503, text, code="engine_unavailable", headers={"Retry-After": "5"})
+    if isinstance(error, TrainerUnavailable):
+        return APIError(503, text, code="trainer_unavailable", headers={"Retry-After": "5"})
     if isinstance(error, TrainingDisabled):
         return APIError(503, text, code="training_disabled")
     if isinstance(error, (UnsafeArchive, InvalidAdapter, InvalidAdapterName)):

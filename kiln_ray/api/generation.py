@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from kiln_ray.api.chat import IncrementalDetokenizer, StopMatcher, ToolCall, ToolCallStreamParser
 from kiln_ray.engine.request import RequestOutput, TokenLogprob
 
+# What OpenAI reports for a token the model gives (next to) no chance; the floor for every
+# logprob, so -inf and NaN (weights that are not finite) never reach JSON, which has neither.
+MIN_LOGPROB = -9999.0
+
 
 @dataclass(frozen=True)
 class LogprobEntry:
@@ -93,4 +97,10 @@ class ChoiceText:
 
     def _logprob_entry(self, lp: TokenLogprob) -> LogprobEntry:
         decode = self.tokenizer.decode
-        return LogprobEntry(decode([lp.token_id]), lp.logprob, tuple((decode([t]), v) for t, v in lp.top))
+        return LogprobEntry(decode([lp.token_id]), _reportable(lp.logprob),
+                            tuple((decode([t]), _reportable(v)) for t, v in lp.top))
+
+
+def _reportable(logprob: float) -> float:
+    """The logprob floored at MIN_LOGPROB; NaN (which compares False) becomes the floor too."""
+    return logprob if logprob >= MIN_LOGPROB else MIN_LOGPROB

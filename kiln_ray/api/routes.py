@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,6 +32,7 @@ from kiln_ray.config import KilnConfig
 from kiln_ray.engine.async_engine import GenerateRequest
 from kiln_ray.engine.sampling_params import SamplingParams
 from kiln_ray.metrics import Metrics
+from kiln_ray.procinfo import process_memory
 
 log = logging.getLogger("kiln_ray.api")
 
@@ -103,12 +105,14 @@ class _Routes:
     def __init__(self, ctx: ServerContext):
         self.ctx = ctx
         self.tok = ctx.tokenizer
+        self._swaps_seen = 0
 
     # -- info ----------------------------------------------------------------------------------
 
     async def health(self) -> JSONResponse:
         info = await self.ctx.engine.info()
-        body = {"status": "ok" if info.get("alive", True) else "engine_dead", "uptime_s": round(time.time() - self.ctx.started, 1), **info}
+        body = {"status": "ok" if info.get("alive", True) else "engine_dead", "uptime_s": round(time.time() - self.ctx.started, 1), **info,
+                "ingress_memory": process_memory(os.getpid())}
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     async def metrics(self) -> Response:
@@ -116,7 +120,13 @@ class _Routes:
         m = self.ctx.metrics
         for key, name in (("running", "kiln_running_requests"), ("waiting", "kiln_waiting_requests"),
                           ("kv_blocks_used", "kiln_kv_blocks_used"), ("kv_blocks_total", "kiln_kv_blocks_total")):
-            m.set(name, info.get(key, 0))
+            m.set(name, info.get(key, 0), to_ray=False)  # the engine reports these to Ray each step
+        for adapter, version in info.get("adapters_serving", {}).items():
+            if "~" not in adapter:  # not the compositions built on the fly
+                m.set("kiln_adapter_version", version, to_ray=False, adapter=adapter)
+        swaps = info.get("adapter_swaps", 0)
+        m.inc("kiln_adapter_swaps_total", swaps - self._swaps_seen, to_ray=False)
+        self._swaps_seen = max(self._swaps_seen, swaps)
         return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models(self) -> dict:

@@ -3,20 +3,54 @@
 Unknown fields are accepted and ignored (`extra="ignore"`), as OpenAI clients send fields a
 server may not implement (`user`, `store`, `metadata`, ...). Ranges follow OpenAI where it
 has them; out-of-range values are a 400 with the offending field as `param`.
+
+Every body is checked once here for what JSON can carry but nothing downstream can use:
+NaN and Infinity (Python's JSON parser accepts them), lone UTF-16 surrogates (`"\\ud800"`
+is valid JSON but not text: the tokenizer cannot encode it) and nesting deeper than
+MAX_JSON_DEPTH (free-form fields such as chat_template_kwargs reach recursive code).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 16
 MAX_BATCH_COMPLETIONS = 64
+_TOKEN_ID = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: str.isdigit() also takes "²", which int() refuses
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+MAX_JSON_DEPTH = 64
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _usable_json(cls, data: Any) -> Any:
+        _check_json(data, ())
+        return data
+
+
+def _check_json(value: Any, path: tuple) -> None:
+    """Raise ValueError at the first string (value or key) of a JSON value that holds a lone
+    surrogate, or the first container nested deeper than MAX_JSON_DEPTH. Nested bodies walk
+    their own part again: cheap next to tokenizing it."""
+    if isinstance(value, str):
+        if match := _LONE_SURROGATE.search(value):
+            where = ".".join(map(str, path)) or "the body"
+            raise ValueError(f"{where} is not valid Unicode text (lone surrogate {match.group()!r})")
+    elif isinstance(value, (dict, list)) and len(path) >= MAX_JSON_DEPTH:
+        raise ValueError(f"{path[0]} is nested deeper than {MAX_JSON_DEPTH} levels")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_json(key, (*path, "<key>"))
+            _check_json(item, (*path, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_json(item, (*path, i))
 
 
 class StreamOptions(_Body):
@@ -65,7 +99,7 @@ class SamplingFields(_Body):
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     skip_special_tokens: bool = True
-    adapter: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}(@[1-9][0-9]*)?$", description="Kiln: an adapter name[@version]")
+    adapter: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}(@[1-9][0-9]{0,17})?$", description="Kiln: an adapter name[@version]")
     adapters: list["AdapterWeight"] | None = Field(None, min_length=1, max_length=4, description="compose adapters")
 
     @field_validator("stop")
@@ -82,8 +116,8 @@ class SamplingFields(_Body):
     @classmethod
     def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key, value in (v or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not _TOKEN_ID.fullmatch(key):
+                raise ValueError(f"logit_bias keys must be token ids, got {key[:32]!r}")
             if not -100 <= value <= 100:
                 raise ValueError("logit_bias values must be in [-100, 100]")
         return v
@@ -248,8 +282,21 @@ class MergeRequest(_Body):
     density: float = Field(0.5, gt=0, le=1)
 
 
+# POST /v1/adapters/upload reads its multipart form itself (to bound its size before parsing),
+# so FastAPI cannot derive the body from a model: this is its OpenAPI description.
+UPLOAD_OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object",
+    "required": ["file", "name"],
+    "properties": {
+        "file": {"type": "string", "format": "binary", "description": "a PEFT LoRA adapter as tar.gz"},
+        "name": {"type": "string", "pattern": ADAPTER_NAME},
+        "activate": {"type": "boolean", "default": False, "description": "serve it as the default adapter"},
+    },
+}}}}}
+
+
 class AdapterWeight(_Body):
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}(@[1-9][0-9]*)?$")
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}(@[1-9][0-9]{0,17})?$")
     scale: float = Field(1.0, ge=-10, le=10)
 
 

@@ -22,15 +22,21 @@ from __future__ import annotations
 import uuid
 
 from fastapi import FastAPI, Request
-from starlette.datastructures import UploadFile
 from fastapi.responses import Response
+from starlette.datastructures import UploadFile
+from starlette.types import Message, Receive
 
 from kiln_ray.adapters.store import InvalidAdapterName, validate_name
 from kiln_ray.api.errors import APIError, engine_error
-from kiln_ray.api.schemas import AdapterRefBody, GrpoRequest, MergeRequest, RollbackRequest, SftRequest, TrainJobConfig
+from kiln_ray.api.schemas import (
+    UPLOAD_OPENAPI, AdapterRefBody, GrpoRequest, MergeRequest, RollbackRequest, SftRequest, TrainJobConfig,
+)
 from kiln_ray.training.data import TrainingDataError, grpo_group, sft_example
 from kiln_ray.training.service import Job
 from kiln_ray.training.trainer import TrainConfig
+
+
+_FORM_FRAMING_BYTES = 64 * 1024  # allowed around an upload's file: boundaries, part headers, fields
 
 
 def install_training_routes(app: FastAPI, ctx) -> None:
@@ -44,7 +50,7 @@ def install_training_routes(app: FastAPI, ctx) -> None:
     app.get("/v1/adapters")(routes.adapters)
     app.post("/v1/adapters/load")(routes.load)
     app.post("/v1/adapters/unload")(routes.unload)
-    app.post("/v1/adapters/upload")(routes.upload)
+    app.post("/v1/adapters/upload", openapi_extra=UPLOAD_OPENAPI)(routes.upload)
     app.post("/v1/adapters/merge")(routes.merge)
     app.delete("/v1/adapters/{name}")(routes.delete)
     app.post("/v1/adapters/{name}/rollback")(routes.rollback)
@@ -60,6 +66,24 @@ async def call(ctx, method: str, *args):
         if mapped is None:
             raise
         raise mapped from None
+
+
+def _receive_at_most(receive: Receive, declared: int) -> Receive:
+    """`receive` that refuses a request body running past its declared Content-Length (an
+    in-process or misbehaving server would otherwise hand the whole body to the parser)."""
+    received = 0
+
+    async def bounded_receive() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > declared:
+                raise APIError(400, f"the request body is longer than its Content-Length ({declared} bytes)",
+                               code="invalid_content_length")
+        return message
+
+    return bounded_receive
 
 
 class _TrainingRoutes:
@@ -174,21 +198,23 @@ class _TrainingRoutes:
 
     async def upload(self, request: Request) -> dict:
         """multipart/form-data: `file` (tar.gz), `name`, `activate`. The declared size is
-        checked before anything is read, so an oversized upload never reaches the disk."""
+        checked before anything is read, and the body is cut off where it runs past that
+        size, so an oversized upload never reaches the disk (not even the parser's spool)."""
         limit = self.ctx.config.training.upload_max_bytes
         declared = request.headers.get("content-length")
         if declared is None:
             raise APIError(411, "uploads need a Content-Length", code="length_required")
-        if not declared.isdigit() or int(declared) > limit + 64 * 1024:
+        if not declared.isdigit() or int(declared) > limit + _FORM_FRAMING_BYTES:
             raise APIError(413, f"the upload is larger than {limit} bytes", "file", "upload_too_large")
-        form = await request.form(max_files=1, max_fields=4)
-        file, name = form.get("file"), form.get("name")
-        if not isinstance(file, UploadFile) or not isinstance(name, str):
-            raise APIError(400, "send multipart/form-data with a `file` (tar.gz) and a `name`", "file")
-        data = await file.read(limit + 1)
+        bounded = Request(request.scope, _receive_at_most(request.receive, int(declared)))
+        async with bounded.form(max_files=1, max_fields=4) as form:
+            file, name = form.get("file"), form.get("name")
+            if not isinstance(file, UploadFile) or not isinstance(name, str):
+                raise APIError(400, "send multipart/form-data with a `file` (tar.gz) and a `name`", "file")
+            data = await file.read(limit + 1)
+            activate = str(form.get("activate", "false")).lower() in ("1", "true", "yes", "on")
         if len(data) > limit:
             raise APIError(413, f"the upload is larger than {limit} bytes", "file", "upload_too_large")
-        activate = str(form.get("activate", "false")).lower() in ("1", "true", "yes", "on")
         version = await call(self.ctx, "train_import", self._name(name), data, activate)
         return {"name": name, "version": version}
 

@@ -74,7 +74,9 @@ class Sampler:
                 seen = torch.tensor(sorted(set(r.token_ids)), dtype=torch.int64, device=logits.device)
                 seen = seen[seen < vocab]
                 vals = logits[i, seen]
-                logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+                # A tiny penalty (1e-300) would divide logits into +inf, and softmax into NaN.
+                boosted = (vals / p.repetition_penalty).clamp(max=torch.finfo(logits.dtype).max)
+                logits[i, seen] = torch.where(vals > 0, boosted, vals * p.repetition_penalty)
             if (p.presence_penalty or p.frequency_penalty) and r.num_output_tokens:
                 out = torch.tensor(r.output_token_ids, dtype=torch.int64, device=logits.device)
                 counts = torch.bincount(out, minlength=vocab)[:vocab].to(logits.dtype)
@@ -84,7 +86,8 @@ class Sampler:
     def _truncate(logits: torch.Tensor, params: list) -> None:
         """Mask (to -inf) what top-k, top-p and min-p exclude, per row."""
         vocab = logits.shape[1]
-        top_k = torch.tensor([p.top_k or vocab for p in params], device=logits.device).clamp(max=vocab)
+        # Clamped before it becomes a tensor: a top_k past int64 (2**63) cannot be one.
+        top_k = torch.tensor([min(p.top_k or vocab, vocab) for p in params], device=logits.device)
         top_p = torch.tensor([p.top_p for p in params], device=logits.device, dtype=logits.dtype)
         min_p = torch.tensor([p.min_p for p in params], device=logits.device, dtype=logits.dtype)
         sorted_logits, order = logits.sort(dim=-1, descending=True)

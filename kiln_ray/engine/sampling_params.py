@@ -6,9 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+# Temperatures below this sample greedily: dividing logits by a smaller one overflows float32
+# (1e-300 turns every logit into +-inf), and the distribution is argmax long before (vLLM's rule).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Defaults give OpenAI semantics. temperature 0 means greedy.
+    """Defaults give OpenAI semantics. temperature 0 (or below GREEDY_BELOW_TEMPERATURE) means
+    greedy.
 
     Logprobs, when asked for (`logprobs` = number of alternatives, 0 = the chosen token only),
     are log-softmax of the logits after logit_bias, penalties and temperature, before top-k /
@@ -53,7 +59,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:

@@ -131,6 +131,10 @@ def sft_example(
     `max_len` tokens (SFT examples are never truncated: a cut conversation teaches nothing).
     """
     _check_sft_messages(messages)
+    if max_len is not None:  # one render of the whole chat first: the per-turn renders cost O(turns²)
+        total = len(_render(tokenizer, messages, add_generation_prompt=False))
+        if total > max_len:
+            raise TrainingDataError(f"the example has {total} tokens, more than max_len={max_len}")
     eot_id = end_of_turn_id(tokenizer)
     input_ids: list[int] = []
     loss_mask: list[bool] = []
@@ -145,9 +149,7 @@ def sft_example(
         _require_prefix(tokenizer, prompt, prompt_name, full, full_name)
         loss_mask += [False] * (len(prompt) - len(input_ids))
         loss_mask += _answer_mask(tokenizer, full[len(prompt) :], message["content"], eot_id, index)
-        input_ids, rendered = full, full_name
-    if max_len is not None and len(input_ids) > max_len:
-        raise TrainingDataError(f"the example has {len(input_ids)} tokens, more than max_len={max_len}")
+        input_ids, rendered = full, full_name  # the last one renders all messages: its length was checked
     return TokenizedExample(input_ids=input_ids, loss_mask=loss_mask)
 
 
@@ -238,15 +240,19 @@ def group_advantages(rewards: list[float], eps: float = 1e-4) -> list[float]:
     """Group-relative advantages: (r - mean) / (std + eps), population std over the group.
 
     A group whose rewards are all equal gets exactly 0.0 everywhere (no float residue from the
-    mean), so it contributes nothing to the policy gradient.
+    mean), so it contributes nothing to the policy gradient. Any finite rewards work, up to
+    +-1.8e308: they are divided by the largest |reward| first (advantages do not change with
+    the scale, given eps / scale), so neither the mean's sum nor the squares overflow.
     """
     if not rewards:
         raise TrainingDataError("a group needs at least one reward")
     if all(reward == rewards[0] for reward in rewards):
         return [0.0] * len(rewards)
-    mean = statistics.fmean(rewards)
-    std = statistics.pstdev(rewards)
-    return [(reward - mean) / (std + eps) for reward in rewards]
+    scale = max(abs(reward) for reward in rewards)
+    unit = [reward / scale for reward in rewards]  # in [-1, 1]
+    mean = statistics.fmean(unit)
+    std = statistics.pstdev(unit)
+    return [(u - mean) / (std + eps / scale) for u in unit]
 
 
 def grpo_group(

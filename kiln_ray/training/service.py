@@ -14,6 +14,8 @@ POST a webhook (short timeout, no redirects, failures logged, never blocking the
 from __future__ import annotations
 
 import enum
+import json
+import os
 import logging
 import queue
 import threading
@@ -22,8 +24,9 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from kiln_ray.adapters.archive import import_tar
+from kiln_ray.adapters.archive import read_tar
 from kiln_ray.adapters.merge import merge_adapters
 from kiln_ray.adapters.store import AdapterNotFound, AdapterStore, InvalidAdapter, validate_name
 from kiln_ray.model.lora import DEFAULT_TARGETS, LINEAR_ATTENTION_TARGETS, LoraWeights, check_shapes, lora_sites
@@ -125,6 +128,8 @@ class TrainingService:
         webhook_url: str | None = None,
         base_model_name: str = "",
         keep_finished_jobs: int = 200,
+        journal_dir: Path | None = None,
+        upload_max_bytes: int = 256 << 20,
     ):
         self.trainer = trainer
         self.store = store
@@ -133,10 +138,15 @@ class TrainingService:
         self.webhook_url = webhook_url
         self.base_model_name = base_model_name
         self.keep_finished_jobs = keep_finished_jobs
+        self.upload_max_bytes = upload_max_bytes  # an archive, and separately what it expands to
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._worker = threading.Thread(target=self._run, name="kiln-trainer", daemon=True)
+        self.journal = JobJournal(journal_dir, keep_finished_jobs) if journal_dir is not None else None
+        # Jobs of earlier trainer processes; a job that was queued or running when its process
+        # died is failed, with the reason, so its client learns what happened.
+        self.history: OrderedDict[str, dict] = self.journal.recover() if self.journal else OrderedDict()
 
     def start(self) -> None:
         self._worker.start()
@@ -155,12 +165,15 @@ class TrainingService:
                 raise QueueFull(f"{queued} jobs are queued (limit {self.max_queued_jobs})")
             self.jobs[job.job_id] = job
             self._forget_old_jobs()
+        self._record(job)
         self._queue.put(job)
         log.info("%s queued: %s on adapter %r", job.job_id, job.job_type, job.adapter)
         return job
 
     def cancel(self, job_id: str) -> dict:
         """Cancel a queued job at once, or a running one at its next step."""
+        if job_id in self.history:  # an earlier process's job: long finished
+            return dict(self.history[job_id])
         job = self._job(job_id)
         with self._lock:
             if job.state == JobState.QUEUED:
@@ -170,10 +183,12 @@ class TrainingService:
         return job.status()
 
     def status(self, job_id: str) -> dict:
+        if job_id in self.history:
+            return dict(self.history[job_id])
         return self._job(job_id).status()
 
     def list_jobs(self) -> list[dict]:
-        return [j.status() for j in self.jobs.values()]
+        return [*(dict(h) for h in self.history.values()), *(j.status() for j in self.jobs.values())]
 
     def queued(self) -> list[dict]:
         return [j.status() for j in self.jobs.values() if j.state in (JobState.QUEUED, JobState.RUNNING)]
@@ -204,6 +219,7 @@ class TrainingService:
         with self._lock:
             job.state, job.started_at = JobState.RUNNING, time.time()
             job.total_steps = job.config.epochs or job.config.steps
+        self._record(job)
         log.info("%s running", job.job_id)
         try:
             result = self._train(job)
@@ -264,18 +280,26 @@ class TrainingService:
         parent = self._current(job.adapter)
         metrics = {"final_loss": result.losses[-1] if result.losses else None, "steps": result.steps,
                    "stopped_early": result.stopped_early}
+        examples = [  # kept for replay; committed with the version, so a failed save records none
+            {"messages": raw.get("messages"), "input_ids": ex.input_ids, "loss_mask": ex.loss_mask, "job_id": job.job_id}
+            for raw, ex in zip(job.raw_examples, job.examples)
+        ] if job.job_type == "sft" else None
         version = self.store.save_version(job.adapter, tensors, config, parent=parent, job_id=job.job_id,
-                                          metrics=metrics, optimizer_state=result.optimizer_state)
-        if job.job_type == "sft":
-            self.store.append_examples(job.adapter, [
-                {"messages": raw.get("messages"), "input_ids": ex.input_ids, "loss_mask": ex.loss_mask, "job_id": job.job_id}
-                for raw, ex in zip(job.raw_examples, job.examples)
-            ])
+                                          metrics=metrics, optimizer_state=result.optimizer_state, examples=examples)
         self.publish(Publication(job.adapter, version, result.weights, activate=job.activate, job_id=job.job_id))
         return version
 
+    def _record(self, job: Job) -> None:
+        if self.journal is None:
+            return
+        try:
+            self.journal.write(job.status())
+        except OSError as error:  # a full disk must not fail the job for its journal line
+            log.warning("could not record %s in the job journal: %s", job.job_id, error)
+
     def _finish(self, job: Job, state: JobState) -> None:
         job.state, job.finished_at = state, time.time()
+        self._record(job)
         log.info("%s %s%s", job.job_id, state.value, f": {job.error}" if job.error else "")
         url = job.webhook_url or self.webhook_url
         if url:
@@ -311,20 +335,17 @@ class TrainingService:
 
 
     def import_archive(self, name: str, data: bytes, activate: bool = False) -> int:
-        """A new version from an uploaded tar.gz (checked for size, entries, paths, links, and
-        that its shapes fit this base model; an unfit upload is removed again)."""
-        existed = self.store.exists(name)
-        version = import_tar(self.store, name, data)
-        stored = self.store.load_version(name, version)
+        """A new version from an uploaded tar.gz, made current and served. Everything is checked
+        in memory first (size, entries, paths, links, PEFT format, shapes that fit this base
+        model): a refused upload writes nothing, and no reader ever sees an unfit version."""
+        validate_name(name)
+        tensors, config = read_tar(data, max_bytes=self.upload_max_bytes)
         try:
             check_shapes(lora_sites(self.trainer.model, DEFAULT_TARGETS + LINEAR_ATTENTION_TARGETS),
-                         LoraWeights.from_peft(stored.tensors, stored.config))
+                         LoraWeights.from_peft(tensors, config))
         except ValueError as error:
-            if existed:
-                self.store.delete_version(name, version)
-            else:
-                self.store.delete(name)
             raise InvalidAdapter(str(error)) from None
+        version = self.store.save_version(name, tensors, config)
         return self.publish_stored(name, version, activate)
 
     def merge(self, name: str, sources: list[tuple[str, int | None, float]], method: str, density: float = 0.5) -> int:
@@ -349,3 +370,42 @@ def _post_webhook(url: str, body: dict) -> None:
             log.warning("webhook %s answered %d for %s", url, response.status_code, body["job_id"])
     except httpx.HTTPError as error:
         log.warning("webhook %s failed for %s: %s", url, body["job_id"], error)
+
+
+class JobJournal:
+    """Job statuses on disk, one JSON file per job (written atomically at submit, start and
+    finish), so jobs outlive the trainer process that ran them."""
+
+    LOST = ("the trainer process stopped during this job (it crashed or was restarted); "
+            "the adapter's previous version is unchanged and still served; submit the job again")
+
+    def __init__(self, directory: Path, keep: int):
+        self.dir = Path(directory)
+        self.keep = keep
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def write(self, status: dict) -> None:
+        tmp = self.dir / f".{status['job_id']}.json.tmp"
+        tmp.write_text(json.dumps(status))
+        os.replace(tmp, self.dir / f"{status['job_id']}.json")
+
+    def recover(self) -> OrderedDict[str, dict]:
+        """Every recorded job, oldest first; unfinished ones become failed (and are rewritten)."""
+        records = []
+        for path in self.dir.glob("job-*.json"):
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                log.warning("unreadable job record %s; ignored", path)
+        records.sort(key=lambda r: r.get("created_at") or 0)
+        for stale in records[: max(0, len(records) - self.keep)]:
+            (self.dir / f"{stale['job_id']}.json").unlink(missing_ok=True)
+        history = OrderedDict()
+        for record in records[-self.keep:] if self.keep else []:
+            was = record.get("state")
+            if was in (JobState.QUEUED.value, JobState.RUNNING.value):
+                record.update(state=JobState.FAILED.value, error=self.LOST, finished_at=time.time())
+                log.warning("%s was %s when the trainer stopped: marked failed", record["job_id"], was)
+                self.write(record)
+            history[record["job_id"]] = record
+        return history

@@ -81,6 +81,11 @@ class JobCancelled(Exception):
     """Raised inside a job when its `should_stop` callback says so."""
 
 
+class TrainingDiverged(ValueError):
+    """A step's loss or gradient is not finite (e.g. a huge lora_alpha or learning rate): the
+    job stops before the optimizer writes NaN into the adapter, so nothing broken is published."""
+
+
 @dataclass
 class _Callbacks:
     on_step: Callable[[StepReport], None] | None = None
@@ -219,9 +224,16 @@ class Trainer:
 
     @staticmethod
     def _optimize(loss: torch.Tensor, lora: TrainableLora, optimizer, config: TrainConfig) -> None:
+        """One AdamW step on `loss`; raises TrainingDiverged, leaving the weights as they were,
+        if the loss or the gradient norm is not finite."""
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"the loss is {loss.item()}: training diverged (lower learning_rate or lora_alpha)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(lora.parameters(), config.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(lora.parameters(), config.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise TrainingDiverged(f"the gradient norm is {grad_norm.item()}: training diverged "
+                                   "(lower learning_rate or lora_alpha)")
         optimizer.step()
 
     @staticmethod

@@ -136,6 +136,15 @@ def test_incompatible_inputs_are_refused():
         merge_adapters([], "concat")
 
 
+@pytest.mark.parametrize("method", ["concat", "weighted_average", "ties"])
+def test_weights_that_overflow_float32_are_refused_not_merged_into_inf(method):
+    """Finite weights (the API takes any) whose deltas overflow float32 once made the SVD raise
+    a LinAlgError (HTTP 500), or stored an adapter that generates NaN."""
+    a, b = random_adapter(seed=1), random_adapter(seed=2)
+    with pytest.raises(ValueError, match="not finite"):
+        merge_adapters([(*a, 1e308), (*b, 1e308)], method)
+
+
 # --- PEFT round trip -------------------------------------------------------------------
 
 

@@ -276,16 +276,94 @@ def test_examples_are_appended_and_read_back_in_order(store):
     assert len(store.load_examples("a")) == 3
 
 
+def test_examples_saved_with_a_version_appear_with_it(store):
+    store.save_version("a", *random_adapter(), examples=[{"i": 0}])
+    store.save_version("a", *random_adapter(), examples=[{"i": 1}, {"i": 2}])
+    store.save_version("a", *random_adapter())
+    assert store.load_examples("a") == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert store.meta("a")["examples_bytes"] == (store.root / "a" / "examples.jsonl").stat().st_size
+
+
+def test_an_uncommitted_examples_tail_is_invisible_and_cut_by_the_next_append(tmp_path, monkeypatch):
+    """A crash after the examples were appended but before meta.json was replaced."""
+    store = AdapterStore(tmp_path / "store")
+    store.save_version("a", *random_adapter(), examples=[{"i": 0}])
+    committed = (store.root / "a" / "examples.jsonl").read_bytes()
+    def crash(*args):
+        raise Crash()
+
+    with monkeypatch.context() as m:
+        m.setattr(AdapterStore, "_write_meta", crash)
+        with pytest.raises(Crash):
+            store.save_version("a", *random_adapter(seed=2), examples=[{"i": "lost"}])
+    assert (store.root / "a" / "examples.jsonl").read_bytes() != committed  # the tail is there
+    reopened = AdapterStore(tmp_path / "store")
+    assert reopened.load_examples("a") == [{"i": 0}] and reopened.versions("a") == [1]
+    reopened.append_examples("a", [{"i": 1}])
+    assert reopened.load_examples("a") == [{"i": 0}, {"i": 1}]
+    assert (store.root / "a" / "examples.jsonl").read_bytes() == committed + b'{"i": 1}\n'
+
+
+def test_a_store_written_before_examples_bytes_reads_and_extends_the_whole_file(store):
+    store.save_version("a", *random_adapter())
+    meta_path = store.root / "a" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["examples_bytes"]
+    meta_path.write_text(json.dumps(meta))
+    (store.root / "a" / "examples.jsonl").write_text('{"i": 0}\n')
+    assert store.load_examples("a") == [{"i": 0}]
+    store.save_version("a", *random_adapter(), examples=[{"i": 1}])
+    assert store.load_examples("a") == [{"i": 0}, {"i": 1}]
+
+
+def fsync_failing_on(directory, call: int):
+    """A `_fsync_dir` stand-in that fails (EIO) the `call`-th time it syncs `directory`."""
+    real_fsync, calls = store_module._fsync_dir, []
+
+    def fsync_dir(path):
+        if path == directory:
+            calls.append(path)
+            if len(calls) == call:
+                raise OSError(errno.EIO, "Input/output error")
+        real_fsync(path)
+    return fsync_dir
+
+
+def test_a_version_whose_rename_cannot_be_made_durable_is_not_left_behind(store, monkeypatch):
+    store.save_version("a", *random_adapter(seed=1))
+    before = snapshot(store.root)
+    monkeypatch.setattr(store_module, "_fsync_dir", fsync_failing_on(store.root / "a", call=1))
+    with pytest.raises(AdapterStoreError, match="Input/output error"):
+        store.save_version("a", *random_adapter(seed=2))
+    assert snapshot(store.root) == before
+
+
+def test_a_failed_fsync_after_the_meta_commit_keeps_the_committed_version(store, monkeypatch):
+    """Once meta.json lists the new version, undoing the version directory would leave meta.json
+    pointing at nothing: the save stands (a power loss may bring back the old, consistent state)."""
+    store.save_version("a", *random_adapter(seed=1))
+    tensors, config = random_adapter(seed=2)
+    monkeypatch.setattr(store_module, "_fsync_dir", fsync_failing_on(store.root / "a", call=2))
+    assert store.save_version("a", tensors, config) == 2
+    assert store.current_version("a") == 2
+    assert_same_tensors(store.load_version("a").tensors, tensors)
+
+
 # --- atomicity -------------------------------------------------------------------------
 
 
 def half_written_then(error):
-    """A save_file stand-in that writes half the file, then fails like a full disk would."""
-    def save_file(tensors, path, metadata=None):
-        with open(path, "wb") as f:
-            f.write(b"\x00" * 100)
+    """A `_write_bytes` stand-in that writes half of the weights file, then fails like a full
+    disk would (other files are written)."""
+    real_write = store_module._write_bytes
+
+    def write_bytes(path, data):
+        if path.name != "adapter_model.safetensors":
+            return real_write(path, data)
+        with open(path, "xb") as f:
+            f.write(data[: len(data) // 2])
         raise error
-    return save_file
+    return write_bytes
 
 
 def test_disk_full_while_writing_weights_keeps_the_old_version_current(store, monkeypatch):
@@ -293,7 +371,7 @@ def test_disk_full_while_writing_weights_keeps_the_old_version_current(store, mo
     store.save_version("a", old_tensors, config)
     before = snapshot(store.root)
     disk_full = OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(store_module, "save_file", half_written_then(disk_full))
+    monkeypatch.setattr(store_module, "_write_bytes", half_written_then(disk_full))
     with pytest.raises(AdapterStoreError, match="disk full") as info:
         store.save_version("a", *random_adapter(seed=2))
     assert "unchanged" in str(info.value)
@@ -304,7 +382,7 @@ def test_disk_full_while_writing_weights_keeps_the_old_version_current(store, mo
 
 def test_disk_full_on_a_new_adapter_leaves_no_trace(store, monkeypatch):
     before = snapshot(store.root)
-    monkeypatch.setattr(store_module, "save_file", half_written_then(OSError(errno.ENOSPC, "full")))
+    monkeypatch.setattr(store_module, "_write_bytes", half_written_then(OSError(errno.ENOSPC, "full")))
     with pytest.raises(AdapterStoreError):
         store.save_version("a", *random_adapter())
     assert snapshot(store.root) == before and store.names() == []
@@ -340,7 +418,7 @@ def test_a_crash_mid_save_is_invisible_and_cleaned_on_reopen(tmp_path, monkeypat
     old_tensors, config = random_adapter(seed=1)
     store.save_version("a", old_tensors, config)
     with monkeypatch.context() as m:
-        m.setattr(store_module, "save_file", half_written_then(Crash()))
+        m.setattr(store_module, "_write_bytes", half_written_then(Crash()))
         with pytest.raises(Crash):
             store.save_version("a", *random_adapter(seed=2))
     assert any((store.root / ".tmp").iterdir())  # the half-written version sits in staging

@@ -37,7 +37,8 @@ def make_app(model_dir, home=None, training: dict | None = None, server: dict | 
     service = None
     if train:
         service = TrainingService(Trainer(model), writer, node.apply_threadsafe,
-                                  max_queued_jobs=config.training.max_queued_jobs)
+                                  max_queued_jobs=config.training.max_queued_jobs,
+                                  upload_max_bytes=config.training.upload_max_bytes)
         service.start()
         node.training = LocalTraining(service)
     tokenizer = load_tokenizer(model_dir)

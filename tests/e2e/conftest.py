@@ -36,3 +36,16 @@ def client(serve_app) -> openai.OpenAI:
 @pytest.fixture(scope="package")
 def model_id(client) -> str:
     return client.models.list().data[0].id
+
+
+# Drills that stress or break the shared instance run after everything else in the package:
+# load first, then faults (each fault test waits until the instance has recovered).
+_LAST = ("test_load.py", "test_faults.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name if item.path.parent.name == "e2e" else ""
+        return _LAST.index(name) + 1 if name in _LAST else 0
+
+    items.sort(key=rank)  # stable: the order within each group is kept

@@ -2,6 +2,8 @@
 under chunked prefill, preemption, forking and aborts, and gives every block and state slot
 back. Tiny random-weight models of each architecture, fp32."""
 
+import math
+
 import pytest
 import torch
 
@@ -197,3 +199,27 @@ def test_rejects_bad_requests_and_a_full_queue(tiny_model_dirs):
     engine.add_request("e", [5, 6], greedy())
     with pytest.raises(EngineFullError):
         engine.add_request("f", [5, 6], greedy())
+
+
+@pytest.mark.parametrize(
+    "extreme",
+    [{"top_k": 2**63}, {"temperature": 1e-300}, {"repetition_penalty": 1e-308}],
+    ids=["top_k-2**63", "temperature-1e-300", "repetition_penalty-1e-308"],
+)
+def test_extreme_sampling_values_keep_the_engine_stepping_with_finite_logprobs(tiny_model_dirs, prompts, extreme):
+    """Values the API accepts at the edge of their range: a top_k past int64 once killed the
+    engine loop, and logits divided by a denormal temperature or penalty became inf (NaN
+    logprobs, which JSON cannot carry)."""
+    engine = make_engine(tiny_model_dirs["llama"][0])
+    params = SamplingParams(**{"max_tokens": 6, "ignore_eos": True, "logprobs": 2, **extreme})
+    engine.add_request("x", prompts[2], params)
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+    logprobs = [lp for o in outs for lp in o.logprobs]
+    assert len(logprobs) == 6
+    assert all(math.isfinite(lp.logprob) and all(math.isfinite(v) for _, v in lp.top) for lp in logprobs)
+    if "temperature" in extreme:  # vanishing temperature is greedy, not noise
+        engine.add_request("greedy", prompts[2], SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0))
+        assert run_to_completion(engine)["greedy"][0] == [lp.token_id for lp in logprobs]
+    assert_idle(engine)

@@ -155,6 +155,21 @@ def test_sft_raises_instead_of_truncating_past_max_len(smollm2):
         sft_example(smollm2, TWO_TURNS, max_len=length - 1)
 
 
+@pytest.mark.real_model
+def test_an_over_long_example_is_refused_after_one_render_not_one_per_turn(smollm2, monkeypatch):
+    # Each assistant turn renders the chat up to it, O(turns²) in all: a 1000-turn example took
+    # 18 s of the event loop before its length was checked (the fuzzer's "hang").
+    import kiln_ray.training.data as data
+
+    renders = []
+    real_render = data._render
+    monkeypatch.setattr(data, "_render", lambda *args, **kwargs: renders.append(1) or real_render(*args, **kwargs))
+    many_turns = [{"role": role, "content": "x"} for role in ("user", "assistant") * 100]
+    with pytest.raises(TrainingDataError, match="more than max_len=64"):
+        sft_example(smollm2, many_turns, max_len=64)
+    assert len(renders) == 1
+
+
 # --- sft_example: Qwen3 ------------------------------------------------------------------------
 
 
@@ -203,6 +218,13 @@ def test_group_advantages_are_reward_z_scores_with_population_std():
     # rewards 0, 1: mean 0.5, std 0.5 -> +-0.5 / 0.5001
     assert group_advantages([0.0, 1.0]) == pytest.approx([-0.5 / 0.5001, 0.5 / 0.5001], rel=1e-12)
     assert group_advantages([0.0, 1.0], eps=0.5) == pytest.approx([-0.5, 0.5], rel=1e-12)
+
+
+def test_group_advantages_of_rewards_at_the_float_limit_do_not_overflow():
+    # The fuzzer sent rewards of -1.8e308: summing them for the mean raised OverflowError (a 500).
+    # rewards -M, 0, -M: the z-scores of -1, 0, -1 (eps / M vanishes), -1/sqrt(2) and sqrt(2).
+    most = -1.7976931348623157e308
+    assert group_advantages([most, 0.0, most]) == pytest.approx([-(0.5**0.5), 2**0.5, -(0.5**0.5)], rel=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -97,7 +97,7 @@ def test_disk_full_while_saving_fails_the_job_and_keeps_the_old_version(service,
 
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_module, "save_file", full)
+    monkeypatch.setattr(store_module, "_write_bytes", full)
     second = service.submit(sft())
     status = wait(service, second.job_id)
     assert status["state"] == "failed" and "saving the adapter failed" in status["error"]
@@ -147,3 +147,36 @@ def test_rollback_serves_an_older_version(service):
     service.rollback("fact", 1)
     assert service.store.current_version("fact") == 1
     assert service.published[-1].version == 1
+
+
+def test_jobs_outlive_the_trainer_process(tiny_model_dirs, tmp_path):
+    """Job statuses are journaled; a job that was running when its process died is failed,
+    with the reason, in the next process."""
+    def start():
+        svc = TrainingService(Trainer(load_model(tiny_model_dirs["llama"][0], torch.float32, "cpu")),
+                              AdapterStore(tmp_path / "adapters"), lambda p: None, journal_dir=tmp_path / "jobs")
+        svc.start()
+        return svc
+
+    first = start()
+    done = first.submit(sft())
+    assert wait(first, done.job_id)["state"] == "completed"
+    running = first.submit(sft(steps=100_000))
+    wait(first, running.job_id, states=("running",))
+    first.journal = None  # the process "dies": nothing more reaches the disk
+    first.cancel(running.job_id)
+    first.stop()
+
+    second = start()
+    try:
+        assert second.status(done.job_id)["state"] == "completed"
+        assert second.status(done.job_id)["adapter_version"] == 1
+        lost = second.status(running.job_id)
+        assert lost["state"] == "failed" and "trainer process stopped" in lost["error"]
+        assert second.cancel(running.job_id)["state"] == "failed"
+        assert {j["job_id"] for j in second.list_jobs()} == {done.job_id, running.job_id}
+        assert second.store.current_version("fact") == 1  # the lost job wrote nothing
+        after = second.submit(sft())
+        assert wait(second, after.job_id)["adapter_version"] == 2
+    finally:
+        second.stop()

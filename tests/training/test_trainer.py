@@ -2,6 +2,8 @@
 stopped, GRPO moves probability towards rewarded completions, and on the real default model
 one correction is learned while unrelated answers stay the same."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from kiln_ray.model.loader import load_model
 from kiln_ray.model.lora import TrainableLora, lora_sites
 from kiln_ray.training.data import TokenizedExample, grpo_group, pack
 from kiln_ray.training.losses import token_logprobs
-from kiln_ray.training.trainer import JobCancelled, Trainer, TrainConfig
+from kiln_ray.training.trainer import JobCancelled, Trainer, TrainConfig, TrainingDiverged
 
 
 def example(ids, n_answer):
@@ -34,6 +36,18 @@ def test_sft_loss_falls_and_only_lora_changes(tiny):
     for k, v in tiny.state_dict().items():
         assert torch.equal(v, before[k]), f"base weight {k} changed"
     assert any(b.abs().sum() > 0 for _, b in result.weights.modules.values())
+
+
+@pytest.mark.parametrize("overrides", [{"lora_alpha": 1e30}, {"lora_alpha": 1e308}], ids=["alpha-1e30", "alpha-1e308"])
+def test_a_diverging_job_raises_instead_of_returning_nan_weights(tiny, overrides):
+    """A huge lora_alpha (the API accepts any positive number) overflows float32: the job must
+    fail, not publish an adapter whose NaN logits every request on it would then carry."""
+    published = []
+    with pytest.raises(TrainingDiverged, match="diverged"):
+        Trainer(tiny).run_sft(EXAMPLES, replace(CFG, publish_every=1, **overrides),
+                              on_publish=lambda weights, step: published.append(weights))
+    for weights in published:  # what was published before the divergence is still finite
+        assert all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in weights.modules.values())
 
 
 def test_a_job_continues_from_the_last_version_unless_from_scratch(tiny):
