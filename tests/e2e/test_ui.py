@@ -34,7 +34,7 @@ def _missing_browser() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # sync_playwright keeps an event loop running on this thread until it exits
 def chromium():
     missing = _missing_browser()
     if missing:
