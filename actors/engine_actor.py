@@ -31,6 +31,7 @@ from kiln_ray import logs
 from kiln_ray.config import KilnConfig
 from kiln_ray.engine.async_engine import AsyncLLMEngine, GenerateRequest
 from kiln_ray.engine.engine import EngineStats, LLMEngine
+from kiln_ray.engine.outbox import Outbox
 from kiln_ray.engine.request import RequestOutput
 from kiln_ray.metrics import Metrics
 from kiln_ray.model.lora import LoraWeights
@@ -41,6 +42,9 @@ from kiln_ray.procinfo import process_memory
 from kiln_ray.training.service import Job, Publication
 
 log = logging.getLogger("kiln_ray.engine")
+
+HEARTBEAT_S = 5.0  # a subscription yields at least this often, even with nothing to say
+OUTBOX_LEASE_S = 60.0
 
 
 @serve.deployment(name="KilnEngine")
@@ -68,6 +72,8 @@ class KilnEngine:
             self.trainer = self._start_trainer(cfg, weights_ref)
             self.node.training = RemoteTraining(self.trainer)
             self._poller = asyncio.get_running_loop().create_task(self._apply_publications())
+        self._outboxes: dict[str, Outbox] = {}  # subscriber -> outputs on their way to it
+        self._expiry = asyncio.get_running_loop().create_task(self._expire_outboxes())
         await self.node.start()
         log.info("KilnEngine ready: %s", engine_info(self.node, self.model_name))
 
@@ -125,12 +131,58 @@ class KilnEngine:
 
     # -- what the ingress calls ----------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest, choice: AdapterChoice) -> AsyncIterator[list[RequestOutput]]:
-        async for batch in self.node.generate(request, choice):
-            yield batch
+    async def submit(self, request: GenerateRequest, choice: AdapterChoice, subscriber: str) -> str:
+        """Admit a request whose outputs go to `subscriber`'s stream (`subscribe`); returns this
+        replica's id, which the subscriber's next calls name. Raises a refusal instead."""
+        box = self._outbox(subscriber)
+        box.track(request.request_id, request.params.n)
+        try:
+            await self.node.submit(request, choice, box)
+        except BaseException:
+            box.untrack(request.request_id)
+            raise
+        return self.replica_id
 
-    async def abort(self, request_id: str) -> None:
+    async def subscribe(self, subscriber: str, replica: str | None = None) -> AsyncIterator[list[RequestOutput]]:
+        """The one stream that carries every output of `subscriber`'s requests here: an empty
+        first item (attached), then per engine step what changed (empty items are heartbeats).
+        When it ends (the subscriber is gone), its running requests are aborted. `replica`
+        pins the call to this replica (actors/engine_router.py)."""
+        box = self._outbox(subscriber)
+        box.attached = True
+        try:
+            yield []
+            while True:
+                yield await box.next_batch(HEARTBEAT_S)
+        finally:
+            self._close_outbox(box)
+
+    async def abort(self, request_id: str, replica: str | None = None) -> None:
         self.engine.abort(request_id)
+
+    def _outbox(self, subscriber: str) -> Outbox:
+        box = self._outboxes.get(subscriber)
+        if box is None:
+            box = self._outboxes[subscriber] = Outbox(asyncio.get_running_loop(), subscriber)
+        return box
+
+    def _close_outbox(self, box: Outbox) -> None:
+        if self._outboxes.get(box.subscriber) is box:
+            del self._outboxes[box.subscriber]
+        for request_id in box.live_requests:
+            self.engine.abort(request_id)
+
+    async def _expire_outboxes(self) -> None:
+        """Requests submitted for a subscriber that never attached (it died in between) are
+        aborted after OUTBOX_LEASE_S, so they cannot hold KV blocks forever."""
+        while True:
+            await asyncio.sleep(OUTBOX_LEASE_S / 4)
+            now = asyncio.get_running_loop().time()
+            for box in list(self._outboxes.values()):
+                if not box.attached and now - box.created > OUTBOX_LEASE_S:
+                    log.warning("subscriber %s never attached; aborting its %d requests", box.subscriber,
+                                len(box.live_requests))
+                    self._close_outbox(box)
 
     async def call(self, method: str, *args):
         return await call_node(self.node, method, *args)

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from kernels import activation, attention, conv1d, gated_delta, norm, rotary
+from kernels import activation, argmax, attention, conv1d, gated_delta, norm, rotary
 
 Mode = Literal["auto", "reference", "fast"]
 
@@ -32,6 +32,7 @@ class Kernels:
     causal_conv1d_update: Callable
     chunk_gated_delta_rule: Callable
     recurrent_gated_delta_rule: Callable
+    argmax: Callable
 
 
 def select_kernels(
@@ -54,6 +55,7 @@ def select_kernels(
             causal_conv1d_update=conv1d.causal_conv1d_update,
             chunk_gated_delta_rule=gated_delta.naive_gated_delta_rule,
             recurrent_gated_delta_rule=gated_delta.recurrent_gated_delta_rule,
+            argmax=argmax.argmax,
         )
     # flash-linear-attention's chunk kernel takes bf16/fp16 only.
     use_fla = gated_delta.fla_available(device) and dtype in (torch.bfloat16, torch.float16)
@@ -76,4 +78,5 @@ def select_kernels(
         recurrent_gated_delta_rule=(
             gated_delta.fla_recurrent_gated_delta_rule if use_fla else gated_delta.recurrent_gated_delta_rule
         ),
+        argmax=argmax.argmax_cpu if use_c else argmax.argmax,
     )

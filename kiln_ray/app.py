@@ -1,6 +1,7 @@
 """build_app: serve_config.yaml `args` -> the Ray Serve application.
 
-    KilnIngress (CPU, N replicas)  --streaming DeploymentHandle-->  KilnEngine (1 per device)
+    KilnIngress (CPU, N replicas)  --submit (a call per request)-->  KilnEngine (1 per device)
+                                   <--one subscription stream per (ingress, engine) pair--
 
 The engine replica gets a placement group of one bundle holding its CPUs, room for the
 trainer actor it will start beside it, and on a GPU node the whole GPU (STRICT_PACK keeps it
@@ -14,6 +15,7 @@ import logging
 
 import ray
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from actors.engine_actor import KilnEngine
 from kiln_ray.api.ingress import KilnIngress
@@ -21,6 +23,11 @@ from kiln_ray.config import KilnConfig
 from kiln_ray.model.registry import resolve_model_path
 
 log = logging.getLogger(__name__)
+
+# Ray starts worker processes at nice 15. The serving path (ingress, engine) runs at normal
+# priority instead, so on a shared machine decoding is not starved by ordinary processes; the
+# trainer keeps Ray's default, so when the two compete for cores, serving wins.
+SERVING_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
 
 
 def build_app(args: dict) -> serve.Application:
@@ -30,7 +37,8 @@ def build_app(args: dict) -> serve.Application:
     config = config.model_copy(update={"model": str(resolve_model_path(config.model, config.home))})
     d = config.deploy
     bundle = {"CPU": d.engine_cpus + d.trainer_cpus}
-    engine_actor = {"num_cpus": d.engine_cpus, "num_gpus": d.engine_gpu_fraction if use_gpu else 0}
+    engine_actor = {"num_cpus": d.engine_cpus, "num_gpus": d.engine_gpu_fraction if use_gpu else 0,
+                    "runtime_env": SERVING_RUNTIME_ENV}
     if use_gpu:
         bundle["GPU"] = 1
     engine = KilnEngine.options(
@@ -38,13 +46,15 @@ def build_app(args: dict) -> serve.Application:
         ray_actor_options=engine_actor,
         placement_group_bundles=[bundle],
         placement_group_strategy="STRICT_PACK",
+        # Subscriptions and aborts go to the replica they name (actors/engine_router.py).
+        request_router_config=RequestRouterConfig(request_router_class="actors.engine_router:KilnEngineRouter"),
         max_ongoing_requests=d.engine_max_ongoing_requests,
         health_check_period_s=d.health_check_period_s,
         health_check_timeout_s=d.health_check_timeout_s,
     ).bind(config.model_dump())
     return KilnIngress.options(
         num_replicas=d.ingress_replicas,
-        ray_actor_options={"num_cpus": d.ingress_cpus},
+        ray_actor_options={"num_cpus": d.ingress_cpus, "runtime_env": SERVING_RUNTIME_ENV},
         max_ongoing_requests=d.ingress_max_ongoing_requests,
     ).bind(engine, config.model_dump())
 

@@ -28,7 +28,7 @@ from typing import Protocol
 from kiln_ray.adapters.archive import export_tar
 from kiln_ray.adapters.store import AdapterNotFound, AdapterStore
 from kiln_ray.engine.adapter_manager import AdapterNotLoaded, AdapterSlotsFull
-from kiln_ray.engine.async_engine import AsyncLLMEngine, GenerateRequest
+from kiln_ray.engine.async_engine import AsyncLLMEngine, GenerateRequest, OutputSink
 from kiln_ray.engine.request import RequestOutput
 from kiln_ray.model.lora import LoraWeights
 from kiln_ray.training.service import Job, Publication
@@ -110,6 +110,18 @@ class ServingNode:
                 if attempt or request.adapter is None:  # evicted between the check and the add
                     raise
                 await self._ensure_resident(request.adapter, request.adapter_version)
+
+    async def submit(self, request: GenerateRequest, choice: AdapterChoice, sink: OutputSink) -> None:
+        """Admit the request with its outputs going to `sink` (AsyncLLMEngine.add); raises a
+        refusal (bad input, a full engine, an unknown adapter) instead."""
+        request = await self._resolve(request, choice)
+        try:
+            await self.engine.add(request, sink)
+        except AdapterNotLoaded:
+            if request.adapter is None:
+                raise
+            await self._ensure_resident(request.adapter, request.adapter_version)  # evicted meanwhile
+            await self.engine.add(request, sink)
 
     async def _resolve(self, request: GenerateRequest, choice: AdapterChoice) -> GenerateRequest:
         if choice.compose:

@@ -117,3 +117,48 @@ void write_kv(const void *k, const void *v, void *k_cache, void *v_cache, const 
                (size_t)(width * elem_size));
     }
 }
+
+/* out[r] = the index of the largest value of row r of x (rows, cols), the first one on ties,
+   like torch.argmax; NaNs are skipped (a row of only NaNs or -inf gives 0). */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+static inline __attribute__((always_inline)) int64_t argmax_row(const void *x, int64_t cols, const int is_bf16) {
+    int64_t i = 0, best_i = 0;
+    float best = -INFINITY;
+#if defined(__AVX512F__)
+    if (cols >= 16) {
+        __m512 vbest = _mm512_set1_ps(-INFINITY);
+        __m512i vbest_i = _mm512_setzero_si512(), vi = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512i step = _mm512_set1_epi32(16);
+        for (; i + 16 <= cols; i += 16) {
+            const __m512 v = is_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                           _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i))), 16))
+                                     : _mm512_loadu_ps((const float *)x + i);
+            const __mmask16 greater = _mm512_cmp_ps_mask(v, vbest, _CMP_GT_OQ);
+            vbest = _mm512_mask_mov_ps(vbest, greater, v);
+            vbest_i = _mm512_mask_mov_epi32(vbest_i, greater, vi);
+            vi = _mm512_add_epi32(vi, step);
+        }
+        float lanes[16];
+        int32_t lane_i[16];
+        _mm512_storeu_ps(lanes, vbest);
+        _mm512_storeu_si512(lane_i, vbest_i);
+        best_i = cols;
+        for (int l = 0; l < 16; l++)
+            if (lanes[l] > best || (lanes[l] == best && lane_i[l] < best_i)) best = lanes[l], best_i = lane_i[l];
+        if (best_i == cols) best_i = 0;
+    }
+#endif
+    for (; i < cols; i++) {
+        const float v = LD(x, i);
+        if (v > best) best = v, best_i = i;
+    }
+    return best_i;
+}
+
+void argmax_rows(const void *x, int64_t *out, int64_t rows, int64_t cols, int is_bf16, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows > 1)
+    for (int64_t r = 0; r < rows; r++)
+        out[r] = is_bf16 ? argmax_row((const uint16_t *)x + r * cols, cols, 1) : argmax_row((const float *)x + r * cols, cols, 0);
+}

@@ -57,12 +57,15 @@ static void softmax_rows(float *restrict scores, int64_t group, int64_t ctx) {
     for (int64_t g = 0; g < group; g++) {
         float *restrict sc = scores + g * ctx;
         float m = -FLT_MAX, sum = 0.f;
+#pragma omp simd reduction(max : m)
         for (int64_t t = 0; t < ctx; t++) m = sc[t] > m ? sc[t] : m;
+#pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < ctx; t++) {
             sc[t] = expf(sc[t] - m);
             sum += sc[t];
         }
         const float inv = 1.f / sum;
+#pragma omp simd
         for (int64_t t = 0; t < ctx; t++) sc[t] *= inv;
     }
 }
@@ -114,51 +117,121 @@ static inline __attribute__((always_inline)) void head_portable(const Job *job, 
 }
 
 #if defined(__AVX512BF16__)
-/* bf16 with head_dim a multiple of 32, one whole sequence (all heads): each cached row
-   (num_kv_heads * head_dim contiguous values) is read once per pass. Pass 1 by vdpbf16ps,
-   pass 2 by fp32 FMAs. scores: (num_heads, ctx); acc: (num_heads, head_dim). */
-static void seq_avx512bf16(const Job *job, int64_t s, float *restrict scores, float *restrict acc) {
-    const int64_t D = job->head_dim, H = job->num_heads, Hkv = job->num_kv_heads, bs = job->block_size;
-    const int64_t group = H / Hkv, ctx = job->context_lens[s], chunks = D / 32;
-    const int64_t *table = job->tables + s * job->max_blocks;
-    const uint16_t *q = (const uint16_t *)job->q + s * H * D;
-    const uint16_t *kc = (const uint16_t *)job->k_cache, *vc = (const uint16_t *)job->v_cache;
-    for (int64_t t0 = 0; t0 < ctx; t0 += bs) {
-        const int64_t block = table[t0 / bs], n = ctx - t0 < bs ? ctx - t0 : bs;
-        for (int64_t o = 0; o < n; o++) {
-            const uint16_t *row = kc + (block * bs + o) * Hkv * D;
-            for (int64_t h = 0; h < H; h++) {
-                const uint16_t *kp = row + (h / group) * D, *qp = q + h * D;
-                __m512 sum = _mm512_setzero_ps();
-                for (int64_t c = 0; c < chunks; c++)
-                    sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(qp + 32 * c),
-                                           (__m512bh)_mm512_loadu_si512(kp + 32 * c));
-                scores[h * ctx + t0 + o] = _mm512_reduce_add_ps(sum) * job->scale;
-            }
-        }
-    }
-    softmax_rows(scores, H, ctx);
-    memset(acc, 0, sizeof(float) * (size_t)(H * D));
-    for (int64_t t0 = 0; t0 < ctx; t0 += bs) {
-        const int64_t block = table[t0 / bs], n = ctx - t0 < bs ? ctx - t0 : bs;
-        for (int64_t o = 0; o < n; o++) {
-            const uint16_t *row = vc + (block * bs + o) * Hkv * D;
-            for (int64_t kvh = 0; kvh < Hkv; kvh++) {
-                for (int64_t j = 0; j < D / 16; j++) {
-                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(row + kvh * D + 16 * j));
-                    const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-                    for (int64_t g = 0; g < group; g++) {
-                        const int64_t h = kvh * group + g;
-                        float *a = acc + h * D + 16 * j;
-                        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[h * ctx + t0 + o]), v, _mm512_loadu_ps(a)));
-                    }
-                }
-            }
-        }
-    }
-    uint16_t *out = (uint16_t *)job->out + s * H * D;
-    for (int64_t i = 0; i < H * D; i++) out[i] = f32_to_bf16(acc[i]);
+/* bf16 with head_dim a multiple of 32, one (sequence, kv head) pair: the group's G query
+   heads against the context's keys, 16 tokens at a time.
+
+   pass 1   per 16-token tile: 16 vdpbf16ps accumulators (one per token), then one transposing
+            reduction gives the 16 scores in one vector (no per-token horizontal sum)
+   softmax  vectorised (expf through libmvec under -ffast-math)
+   pass 2   out_g += p[g, t] * v_t with the (G x D) accumulators held in registers, tiled
+            4 heads x 64 dims at a time */
+
+/* Lane i of the result = the sum of v[i]'s 16 lanes (4 levels of shuffles and adds). */
+static inline __m512 hsum16(const __m512 v[16]) {
+    __m512 w[8], z[4];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] */
+        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) /* per 128-bit lane: the lane's partial sums of v[4i .. 4i+3] */
+        z[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(z[2], z[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_f32x4(z[2], z[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
+
+/* The cache row of context token t for kv head kvh (bf16 elements). */
+static inline const uint16_t *cache_row(const uint16_t *cache, const int64_t *table, int64_t t, int64_t bs,
+                                        int64_t Hkv, int64_t kvh, int64_t D) {
+    return cache + ((table[t / bs] * bs + t % bs) * Hkv + kvh) * D;
+}
+
+/* scores (G, ctx) = scale * q_g . k_t for the group's query heads q (G, D). */
+static void group_scores(const Job *job, const uint16_t *q, int64_t G, const int64_t *table, int64_t ctx,
+                         int64_t kvh, float *restrict scores) {
+    const int64_t D = job->head_dim, Hkv = job->num_kv_heads, bs = job->block_size, chunks = D / 32;
+    const uint16_t *kc = (const uint16_t *)job->k_cache;
+    const __m512 scale = _mm512_set1_ps(job->scale);
+    for (int64_t t0 = 0; t0 < ctx; t0 += 16) {
+        const int64_t n = ctx - t0 < 16 ? ctx - t0 : 16;
+        const uint16_t *rows[16];
+        for (int64_t i = 0; i < 16; i++) rows[i] = cache_row(kc, table, t0 + (i < n ? i : 0), bs, Hkv, kvh, D);
+        const __mmask16 keep = (__mmask16)((1u << n) - 1u);
+        for (int64_t g = 0; g < G; g++) {
+            const uint16_t *qp = q + g * D;
+            __m512 acc[16];
+            for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+            for (int64_t c = 0; c < chunks; c++) {
+                const __m512bh qv = (__m512bh)_mm512_loadu_si512(qp + 32 * c);
+                for (int i = 0; i < 16; i++)
+                    acc[i] = _mm512_dpbf16_ps(acc[i], qv, (__m512bh)_mm512_loadu_si512(rows[i] + 32 * c));
+            }
+            _mm512_mask_storeu_ps(scores + g * ctx + t0, keep, _mm512_mul_ps(hsum16(acc), scale));
+        }
+    }
+}
+
+/* out (GN heads of the group from g0, dims [16*j0, 16*(j0+JN))) = sum_t p[g, t] v_t.
+   GN and JN are constants at every call site, so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void group_values_tile(
+    const Job *job, const int64_t *table, int64_t ctx, int64_t kvh, const float *restrict scores, int64_t g0,
+    int64_t j0, uint16_t *out, const int GN, const int JN) {
+    const int64_t D = job->head_dim, Hkv = job->num_kv_heads, bs = job->block_size;
+    const uint16_t *vc = (const uint16_t *)job->v_cache;
+    __m512 acc[4][4];
+    for (int g = 0; g < GN; g++)
+        for (int j = 0; j < JN; j++) acc[g][j] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < ctx; t++) {
+        const uint16_t *row = cache_row(vc, table, t, bs, Hkv, kvh, D) + 16 * j0;
+        __m512 v[4];
+        for (int j = 0; j < JN; j++)
+            v[j] = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + 16 * j))), 16));
+        for (int g = 0; g < GN; g++) {
+            const __m512 p = _mm512_set1_ps(scores[(g0 + g) * ctx + t]);
+            for (int j = 0; j < JN; j++) acc[g][j] = _mm512_fmadd_ps(p, v[j], acc[g][j]);
+        }
+    }
+    for (int g = 0; g < GN; g++)
+        for (int j = 0; j < JN; j++)
+            _mm256_storeu_si256((__m256i *)(out + (g0 + g) * D + 16 * (j0 + j)),
+                                (__m256i)_mm512_cvtneps_pbh(acc[g][j]));
+}
+
+#define VALUES_TILE(GN, JN) group_values_tile(job, table, ctx, kvh, scores, g0, j0, out, GN, JN)
+#define VALUES_TILE_J(GN)                  \
+    switch (jn) {                          \
+        case 4: VALUES_TILE(GN, 4); break; \
+        case 3: VALUES_TILE(GN, 3); break; \
+        case 2: VALUES_TILE(GN, 2); break; \
+        default: VALUES_TILE(GN, 1); break;\
+    }
+
+static void group_avx512bf16(const Job *job, int64_t s, int64_t kvh, float *restrict scores) {
+    const int64_t D = job->head_dim, H = job->num_heads, Hkv = job->num_kv_heads;
+    const int64_t G = H / Hkv, ctx = job->context_lens[s], nvec = D / 16;
+    const int64_t *table = job->tables + s * job->max_blocks;
+    const uint16_t *q = (const uint16_t *)job->q + (s * H + kvh * G) * D;
+    uint16_t *out = (uint16_t *)job->out + (s * H + kvh * G) * D;
+    group_scores(job, q, G, table, ctx, kvh, scores);
+    softmax_rows(scores, G, ctx);
+    for (int64_t g0 = 0; g0 < G; g0 += 4) {
+        const int64_t gn = G - g0 < 4 ? G - g0 : 4;
+        for (int64_t j0 = 0; j0 < nvec; j0 += 4) {
+            const int64_t jn = nvec - j0 < 4 ? nvec - j0 : 4;
+            switch (gn) {
+                case 4: VALUES_TILE_J(4); break;
+                case 3: VALUES_TILE_J(3); break;
+                case 2: VALUES_TILE_J(2); break;
+                default: VALUES_TILE_J(1); break;
+            }
+        }
+    }
+}
+#undef VALUES_TILE_J
+#undef VALUES_TILE
 #endif
 
 int paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *tables,
@@ -182,18 +255,17 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
         float *row = malloc(sizeof(float) * (size_t)D);
         if (!scores || !qf || !acc || !row) failed = 1;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t s = 0; s < num_seqs; s++) {
+        for (int64_t item = 0; item < num_seqs * num_kv_heads; item++) {
             if (failed) continue;
+            const int64_t s = item / num_kv_heads, kvh = item % num_kv_heads;
 #if defined(__AVX512BF16__)
             if (is_bf16 && D % 32 == 0) {
-                seq_avx512bf16(&job, s, scores, acc);
+                group_avx512bf16(&job, s, kvh, scores);
                 continue;
             }
 #endif
-            for (int64_t kvh = 0; kvh < num_kv_heads; kvh++) {
-                if (is_bf16) head_portable(&job, s, kvh, scores, qf, acc, row, 1);
-                else head_portable(&job, s, kvh, scores, qf, acc, row, 0);
-            }
+            if (is_bf16) head_portable(&job, s, kvh, scores, qf, acc, row, 1);
+            else head_portable(&job, s, kvh, scores, qf, acc, row, 0);
         }
         free(scores);
         free(qf);

@@ -2,10 +2,14 @@
 
     thread "kiln-engine-loop"          asyncio side (ingress / actor)
     ------------------------           ------------------------------
-    drain commands (add, abort)  <---  generate(): queue "add", await its result
-    engine.step()                      ... then await batches of RequestOutput
-    hand outputs to each stream  --->  (call_soon_threadsafe; batches coalesce
-    sleep while there is no work        while a consumer is slower than the engine)
+    drain commands (add, abort)  <---  add(request, sink) / generate(): queue "add",
+    engine.step()                      await its result, then await batches of outputs
+    hand outputs to each sink    --->  (one call_soon_threadsafe per sink and step; batches
+    sleep while there is no work        coalesce while a consumer is slower than the engine)
+
+A sink receives the outputs of one request (`generate`'s stream) or of many (an Outbox of
+kiln_ray/engine/outbox.py, which carries every request of one ingress replica over a single
+stream); either way it gets one `put` per step with all of its requests' increments.
 
 The engine is touched only by the loop thread. A caller that stops iterating (client gone,
 stop string matched) aborts its request, so its KV blocks are freed at the next step. If a
@@ -23,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from kiln_ray.engine.engine import EngineStats, LLMEngine
 from kiln_ray.engine.request import RequestOutput
@@ -46,8 +51,19 @@ class EngineDeadError(RuntimeError):
     """The engine loop has stopped after an internal error; the process should be restarted."""
 
 
-class _Stream:
-    """Outputs of one request, handed from the loop thread to one asyncio consumer."""
+class OutputSink(Protocol):
+    """Where the loop thread hands a request's outputs: both methods run on `loop`."""
+
+    loop: asyncio.AbstractEventLoop
+
+    def put(self, outputs: list[RequestOutput]) -> None: ...
+
+    def fail(self, error: BaseException) -> None: ...
+
+
+class RequestStream:
+    """Outputs of one request for one asyncio consumer: from the loop thread (`generate`), or
+    from an ingress's demultiplexer (kiln_ray/api/demux.py). A sink of one request."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, num_sequences: int):
         self.loop = loop
@@ -90,7 +106,7 @@ class AsyncLLMEngine:
         self.on_step = on_step
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        self._streams: dict[str, _Stream] = {}  # loop thread only
+        self._streams: dict[str, OutputSink] = {}  # request id -> its sink; loop thread only
         self._stop = False
         self._error: BaseException | None = None
         self._stats = engine.stats()
@@ -99,24 +115,32 @@ class AsyncLLMEngine:
 
     # -- asyncio side --------------------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
-        """Add the request and yield its outputs in batches until every sequence finished.
+    async def add(self, request: GenerateRequest, sink: OutputSink) -> None:
+        """Admit the request; from the next step on, its outputs go to `sink` (with those of
+        the sink's other requests, one `put` per step) until every sequence finished.
 
-        Raises what `LLMEngine.add_request` raises (ValueError, EngineFullError) before the
-        first batch, and EngineDeadError if the loop has stopped. Leaving the iteration early
-        aborts the request.
+        Raises what `LLMEngine.add_request` raises (ValueError, EngineFullError, ...) and
+        EngineDeadError if the loop has stopped; a refused request was never added, and a
+        cancelled call is undone (aborted).
         """
         if self._error is not None or not self._thread.is_alive():
             raise EngineDeadError(f"the engine loop has stopped: {self._error!r}")
-        loop = asyncio.get_running_loop()
-        stream = _Stream(loop, request.params.n)
-        added = loop.create_future()
-        self._submit(("add", request, stream, added))
+        added = asyncio.get_running_loop().create_future()
+        self._submit(("add", request, sink, added))
         try:
-            await added  # a rejected request raises here and was never added
+            await added
         except asyncio.CancelledError:
             self.abort(request.request_id)  # queued after the add, so it undoes it
             raise
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[list[RequestOutput]]:
+        """Add the request and yield its outputs in batches until every sequence finished.
+
+        Raises what `add` raises before the first batch. Leaving the iteration early aborts
+        the request.
+        """
+        stream = RequestStream(asyncio.get_running_loop(), request.params.n)
+        await self.add(request, stream)
         try:
             while not stream.done:
                 yield await stream.next_batch()
@@ -182,8 +206,8 @@ class AsyncLLMEngine:
             log.exception("engine loop stopped")
             self._error = error or RuntimeError("engine loop stopped")
             dead = EngineDeadError(f"the engine loop stopped: {error!r}")
-            for stream in self._streams.values():
-                _call_soon(stream.loop, stream.fail, dead)
+            for sink in {id(s): s for s in self._streams.values()}.values():
+                _call_soon(sink.loop, sink.fail, dead)
             self._streams.clear()
             self._fail_pending_adds(dead)
 
@@ -205,17 +229,17 @@ class AsyncLLMEngine:
                 _call_soon(loop, _resolve, done, result, error)
                 continue
             if command[0] == "add":
-                _, request, stream, added = command
+                _, request, sink, added = command
                 try:
                     self.engine.add_request(
                         request.request_id, request.prompt_token_ids, request.params,
                         request.adapter, request.adapter_version,
                     )
                 except Exception as error:  # noqa: BLE001 - handed to the caller
-                    _call_soon(stream.loop, _resolve, added, None, error)
+                    _call_soon(sink.loop, _resolve, added, None, error)
                     continue
-                if _call_soon(stream.loop, _resolve, added, None, None):
-                    self._streams[request.request_id] = stream
+                if _call_soon(sink.loop, _resolve, added, None, None):
+                    self._streams[request.request_id] = sink
                 else:  # the caller's event loop is gone: nobody will read this
                     self.engine.abort(request.request_id)
             else:
@@ -225,17 +249,19 @@ class AsyncLLMEngine:
                 self._streams.pop(request_id, None)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        by_request: dict[str, list[RequestOutput]] = {}
+        """One `put` per sink with all of its requests' outputs of this step."""
+        by_sink: dict[int, tuple[OutputSink, list[RequestOutput]]] = {}
         for out in outputs:
-            by_request.setdefault(out.request_id, []).append(out)
-        for request_id, outs in by_request.items():
-            stream = self._streams.get(request_id)
-            if stream is None:  # aborted meanwhile
-                continue
-            if not _call_soon(stream.loop, stream.put, outs):  # its event loop is gone
-                self.engine.abort(request_id)
+            sink = self._streams.get(out.request_id)
+            if sink is not None:  # else aborted meanwhile
+                by_sink.setdefault(id(sink), (sink, []))[1].append(out)
+        for sink, outs in by_sink.values():
+            if not _call_soon(sink.loop, sink.put, outs):  # its event loop is gone
+                for request_id in {o.request_id for o in outs}:
+                    self.engine.abort(request_id)
+        for request_id in {o.request_id for o in outputs}:
             if request_id not in self.engine.requests:  # every sequence finished (or aborted)
-                del self._streams[request_id]
+                self._streams.pop(request_id, None)
 
     def _fail_pending_adds(self, error: BaseException) -> None:
         while True:

@@ -45,7 +45,7 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
-        self.sampler = Sampler()
+        self.sampler = Sampler(model.kernels.argmax)
         self.adapter_slots: AdapterSlots | None = None  # set by the engine when LoRA is on
         kv_shape = (num_kv_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.caches = LayerCaches(
@@ -110,7 +110,8 @@ class ModelRunner:
                 row_index.extend([cu[i + 1] - 1] * len(group))
         if not rows:
             return []
-        logits = self.model.compute_logits(hidden[torch.tensor(row_index, device=self.device)])
+        upcast = not self.sampler.is_plain_greedy(rows)  # plain greedy: argmax of the model-dtype logits
+        logits = self.model.compute_logits(hidden[torch.tensor(row_index, device=self.device)], upcast)
         tokens, logprobs = self.sampler(logits, rows)
         return [Sample(r, t, lp) for r, t, lp in zip(rows, tokens, logprobs)]
 

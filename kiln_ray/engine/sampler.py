@@ -13,15 +13,38 @@ Order of operations, all batched over rows:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from kiln_ray.engine.request import Request, TokenLogprob
 
 
 class Sampler:
+    def __init__(self, argmax: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """`argmax`: (R, V) -> (R,) int64, first index of each row's maximum (kernels/argmax.py)."""
+        self.argmax = argmax or (lambda scores: scores.argmax(dim=-1))
+
+    @staticmethod
+    def is_plain_greedy(rows: list[Request]) -> bool:
+        """Every row takes the argmax of its raw logits: no bias, penalties, masked stop
+        tokens or logprobs. Such rows need no float32 copy of the logits at all (the argmax of
+        bf16 logits is the argmax of their exact float32 conversion)."""
+        for r in rows:
+            p = r.params
+            if not p.greedy or p.logit_bias or p.needs_penalties or p.logprobs is not None:
+                return False
+            if p.min_tokens and r.num_output_tokens < p.min_tokens and r.stop_token_ids:
+                return False
+        return True
+
     def __call__(self, logits: torch.Tensor, rows: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """logits (R, V) float32, one row per entry of `rows` (a request may appear as several
-        rows only through siblings, each with its own generator). Mutates `logits`."""
+        """logits (R, V), one row per entry of `rows` (a request may appear as several rows
+        only through siblings, each with its own generator): float32, or any float dtype when
+        `is_plain_greedy(rows)`. Mutates `logits`."""
+        if logits.dtype != torch.float32 and self.is_plain_greedy(rows):
+            return self.argmax(logits).tolist(), [None] * len(rows)
+        logits = logits.float()
         params = [r.params for r in rows]
         device = logits.device
         self._apply_bias_and_min_tokens(logits, rows)
@@ -37,7 +60,7 @@ class Sampler:
         logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
         if bool(greedy.all()):
-            tokens = logits.argmax(dim=-1)
+            tokens = self.argmax(logits)
         else:
             if any(p.needs_truncation and not p.greedy for p in params):
                 self._truncate(logits, params)
@@ -46,8 +69,8 @@ class Sampler:
             for i, r in enumerate(rows):
                 if r.generator is not None and not params[i].greedy:
                     noise[i] = torch.empty(probs.shape[1]).exponential_(generator=r.generator).to(device)
-            sampled = (probs / noise).argmax(dim=-1)
-            tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
+            sampled = self.argmax(probs.div_(noise))
+            tokens = torch.where(greedy, self.argmax(logits), sampled)
 
         token_list = tokens.tolist()
         return token_list, self._logprobs(logprobs, token_list, params) if logprobs is not None else [None] * len(rows)

@@ -103,11 +103,14 @@ class CausalLM(nn.Module):
         x, _ = self.kernels.add_rms_norm(x, residual, self.norm.weight, self.norm.eps, self.dtype)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (N, hidden) -> logits (N, vocab) in float32."""
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """hidden (N, hidden) -> logits (N, vocab), in float32 unless `upcast` is False (then
+        in the model's dtype)."""
         if self.lm_head is not None:
-            return self.lm_head(hidden).float()
-        return linear(hidden, self.embed_tokens, None, self.packed_tied_head).float()
+            logits = self.lm_head(hidden)
+        else:
+            logits = linear(hidden, self.embed_tokens, None, self.packed_tied_head)
+        return logits.float() if upcast else logits
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

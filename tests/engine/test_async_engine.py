@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kiln_ray.config import EngineConfig
-from kiln_ray.engine.async_engine import AsyncLLMEngine, EngineDeadError, GenerateRequest
+from kiln_ray.engine.async_engine import AsyncLLMEngine, EngineDeadError, GenerateRequest, RequestStream
 from kiln_ray.engine.engine import EngineFullError, LLMEngine
 from kiln_ray.engine.sampling_params import SamplingParams
 from kiln_ray.model.loader import load_model
@@ -155,11 +155,11 @@ def test_a_consumer_whose_event_loop_closed_does_not_kill_the_loop(engine):
 
 
 def test_outputs_and_a_failure_arriving_together_give_the_outputs_then_the_failure():
-    from kiln_ray.engine.async_engine import _Stream
+    from kiln_ray.engine.async_engine import RequestStream
     from kiln_ray.engine.request import RequestOutput
 
     async def main():
-        stream = _Stream(asyncio.get_running_loop(), 1)
+        stream = RequestStream(asyncio.get_running_loop(), 1)
         stream.put([RequestOutput("r", 0, [7])])
         stream.fail(EngineDeadError("gone"))  # both before the consumer wakes
         first = await asyncio.wait_for(stream.next_batch(), 1)
@@ -168,3 +168,47 @@ def test_outputs_and_a_failure_arriving_together_give_the_outputs_then_the_failu
         return first
 
     assert asyncio.run(main())[0].new_token_ids == [7]
+
+
+def test_a_shared_sink_gets_one_put_per_step_with_every_request_in_it(engine):
+    """What a subscription relies on: the loop thread hands a sink all of its requests'
+    increments of a step at once, not one call per request."""
+
+    class Sink:
+        def __init__(self, loop):
+            self.loop = loop
+            self.puts: list[set[str]] = []
+            self.finished = 0
+
+        def put(self, outputs):
+            self.puts.append({o.request_id for o in outputs})
+            self.finished += sum(o.finished for o in outputs)
+
+        def fail(self, error):
+            raise AssertionError(error)
+
+    async def main():
+        sink = Sink(asyncio.get_running_loop())
+        await asyncio.gather(*(engine.add(req(f"s{i}", 6), sink) for i in range(4)))
+        for _ in range(500):
+            if sink.finished == 4:
+                break
+            await asyncio.sleep(0.01)
+        await wait_idle(engine)
+        return sink
+
+    sink = asyncio.run(main())
+    assert sink.finished == 4
+    assert max(len(p) for p in sink.puts) == 4  # steps that ran all four came as one put each
+    assert len(sink.puts) <= 6 + 3  # ~one put per step (the adds may land in different steps)
+
+
+def test_a_refused_add_raises_and_is_never_added(engine):
+    async def main():
+        sink = RequestStream(asyncio.get_running_loop(), 1)
+        with pytest.raises(ValueError):
+            await engine.add(GenerateRequest("bad", [], SamplingParams(max_tokens=4)), sink)
+        return engine.stats()
+
+    assert asyncio.run(main()).waiting == 0
+    assert "bad" not in engine.engine.requests
