@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def session_dir(ray_dir: Path) -> Path:

@@ -57,5 +57,6 @@ def test_kiln_series_reach_rays_prometheus_endpoint(instance, client, model_id):
         time.sleep(1.0)
     print(f"\nRay's Prometheus targets {list(targets)}, {time.monotonic() - started:.1f} s after the chats and "
           f"the job: {found}")
-    trainer_labels = [labels for n, labels, _ in samples if n == "ray_kiln_training_jobs_total"]
-    assert trainer_labels and not any({"application", "deployment", "replica"} & set(labels) for labels in trainer_labels)
+    serve_labels = {"application", "deployment", "replica"}
+    trainer_series = [labels for n, labels, _ in samples if n == "ray_kiln_training_jobs_total"]
+    assert trainer_series and not any(serve_labels & labels.keys() for labels in trainer_series)
