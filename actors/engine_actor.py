@@ -94,12 +94,12 @@ class KilnEngine:
         created it yet (this one leads), else the existing one (found by name)."""
         pg = get_current_placement_group()
         strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0) if pg else None
-        use_gpu = torch.cuda.is_available()
+        _, trainer_gpus = cfg.deploy.gpu_shares(use_gpu=torch.cuda.is_available())
         return TrainerActor.options(
             name=f"KilnTrainer-{self.app_name}",
             get_if_exists=True,
             num_cpus=cfg.deploy.trainer_cpus,
-            num_gpus=(1 - cfg.deploy.engine_gpu_fraction) if use_gpu else 0,
+            num_gpus=trainer_gpus,
             scheduling_strategy=strategy,
         ).remote(cfg.model_dump(), weights_ref)
 

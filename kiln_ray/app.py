@@ -37,7 +37,7 @@ def build_app(args: dict) -> serve.Application:
     config = config.model_copy(update={"model": str(resolve_model_path(config.model, config.home))})
     d = config.deploy
     bundle = {"CPU": d.engine_cpus + d.trainer_cpus}
-    engine_actor = {"num_cpus": d.engine_cpus, "num_gpus": d.engine_gpu_fraction if use_gpu else 0,
+    engine_actor = {"num_cpus": d.engine_cpus, "num_gpus": d.gpu_shares(use_gpu)[0],
                     "runtime_env": SERVING_RUNTIME_ENV}
     if use_gpu:
         bundle["GPU"] = 1

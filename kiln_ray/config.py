@@ -65,6 +65,15 @@ class DeployConfig(_Frozen):
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
 
+    def gpu_shares(self, use_gpu: bool) -> tuple[float, float]:
+        """(engine, trainer) `num_gpus` of the two actors in one engine replica's bundle. On a
+        GPU the bundle holds the whole device: the engine takes `engine_gpu_fraction` and the
+        trainer the rest, so the two fit the bundle's one GPU together; without a GPU, (0, 0).
+        build_app gives the engine its share, the engine replica gives the trainer its own."""
+        if not use_gpu:
+            return 0.0, 0.0
+        return self.engine_gpu_fraction, 1.0 - self.engine_gpu_fraction
+
 
 class TrainingConfig(_Frozen):
     """The trainer actor and the defaults of a training job (a request may override them)."""

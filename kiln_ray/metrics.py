@@ -1,10 +1,12 @@
 """Every kiln_* metric, defined once, recorded into one or two backends:
 
     prometheus   prometheus-client objects in a private registry, rendered at GET /metrics
-    ray          ray.serve.metrics objects, which reach the Ray dashboard's Prometheus
+    ray          Ray metric objects, which reach the Ray dashboard's Prometheus as ray_kiln_*
 
-This module does not import Ray: the process that wants the Ray backend passes the
-`ray.serve.metrics` module in (actors/, kiln_ray/api/ingress.py).
+This module does not import Ray: the process that wants the Ray backend passes the module in.
+Serve replicas (the ingress, the engine) pass `ray.serve.metrics`, which adds Serve's
+application/deployment/replica labels inside a replica; the trainer, a plain actor and not a
+replica, passes `ray.util.metrics` (same API, no Serve labels).
 """
 
 from __future__ import annotations

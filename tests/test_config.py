@@ -42,6 +42,15 @@ def test_asking_for_a_gpu_on_a_cluster_without_one_fails_clearly():
     assert _wants_gpu(KilnConfig.from_args({"device": "cpu"}, env={})) is False
 
 
+@pytest.mark.parametrize("fraction", [0.7, 0.5, 0.29, 0.9999])
+def test_engine_and_trainer_split_one_gpu_and_take_none_without_one(fraction):
+    deploy = KilnConfig.from_args({"deploy": {"engine_gpu_fraction": fraction}}, env={}).deploy
+    engine, trainer = deploy.gpu_shares(use_gpu=True)
+    assert engine == fraction and trainer == pytest.approx(1 - fraction, abs=1e-12)
+    assert engine + trainer <= 1 + 1e-12
+    assert deploy.gpu_shares(use_gpu=False) == (0.0, 0.0)
+
+
 def test_readme_documents_every_config_field():
     from kiln_ray.config import DeployConfig, EngineConfig, TrainingConfig
 

@@ -343,6 +343,31 @@ def test_engine_bundle_and_ingress_fit_the_pods(path, monkeypatch):
     assert sum(gpus * count for (_, gpus), count in nodes) >= d.engine_replicas * bundle.get("GPU", 0)
 
 
+def _trainer_options(monkeypatch, config: KilnConfig, cuda: bool) -> dict:
+    """The options the engine replica (actors/engine_actor.py) creates its trainer with, on a
+    device with or without CUDA: its `_start_trainer`, run outside Ray with the actor's
+    `.options()` recorded instead of called."""
+    import actors.engine_actor as engine_actor
+
+    recorded = {}
+
+    class Recorder:
+        def options(self, **options):
+            recorded.update(options)
+            return self
+
+        def remote(self, *args):
+            return None
+
+    monkeypatch.setattr(engine_actor, "TrainerActor", Recorder())
+    monkeypatch.setattr(engine_actor, "get_current_placement_group", lambda: None)  # it would start Ray
+    monkeypatch.setattr(engine_actor.torch.cuda, "is_available", lambda: cuda)
+    replica = engine_actor.KilnEngine.func_or_class.__new__(engine_actor.KilnEngine.func_or_class)
+    replica.app_name = "kiln"
+    replica._start_trainer(config, None)
+    return recorded
+
+
 def test_gpu_manifest_shares_one_gpu_between_engine_and_trainer(monkeypatch):
     service = _rayservice(GPU_MANIFEST)
     config = _kiln_config(service)
@@ -352,9 +377,13 @@ def test_gpu_manifest_shares_one_gpu_between_engine_and_trainer(monkeypatch):
     assert engine._replica_config.placement_group_strategy == "STRICT_PACK"
     assert engine._replica_config.placement_group_bundles == [{"CPU": d.engine_cpus + d.trainer_cpus, "GPU": 1}]
     engine_share = engine.ray_actor_options["num_gpus"]
-    trainer_share = 1 - d.engine_gpu_fraction  # actors/engine_actor.py: the trainer takes the rest
+    trainer = _trainer_options(monkeypatch, config, cuda=True)
+    assert trainer["num_cpus"] == d.trainer_cpus
+    trainer_share = trainer["num_gpus"]
     assert engine_share == d.engine_gpu_fraction and 0 < engine_share < 1
-    assert engine_share + trainer_share <= 1
+    assert 0 < trainer_share < 1
+    # Ray counts resources in units of 1/10000: together the two take exactly the bundle's GPU.
+    assert round(engine_share * 10_000) + round(trainer_share * 10_000) == 10_000
     # The head advertises no GPU and no CPU, so every replica lands on the GPU worker.
     head, *workers = _groups(service)
     assert _ray_resources(head[0]) == (0, 0)
@@ -370,6 +399,7 @@ def test_cpu_manifest_runs_the_default_model_in_one_pod_without_a_gpu(monkeypatc
     assert not service["spec"]["rayClusterConfig"].get("workerGroupSpecs")
     engine = _build(monkeypatch, service, gpu=False)["KilnEngine"]
     assert engine.ray_actor_options["num_gpus"] == 0
+    assert _trainer_options(monkeypatch, config, cuda=False)["num_gpus"] == 0
     d = config.deploy
     assert engine._replica_config.placement_group_bundles == [{"CPU": d.engine_cpus + d.trainer_cpus}]
     assert all("nvidia.com/gpu" not in c["resources"]["limits"] for c in _containers(service))

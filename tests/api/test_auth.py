@@ -59,6 +59,26 @@ def test_metrics_can_require_the_key():
     assert required_access("GET", "/metrics", metrics_require_key=True) is Access.USER
 
 
+@pytest.fixture(scope="module")
+def metrics_keyed(tiny_smol_dir):
+    """A server with `metrics_require_key: true` (no trainer: /metrics needs none)."""
+    app, engine = make_app(tiny_smol_dir, server={"api_key": USER, "admin_key": ADMIN, "metrics_require_key": True})
+    with TestClient(app) as client:
+        yield client
+    engine.shutdown()
+
+
+def test_metrics_behind_the_key_answer_401_without_it_and_200_with_it(metrics_keyed):
+    refused = metrics_keyed.get("/metrics")
+    assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+    assert refused.json()["error"]["code"] == "missing_api_key" and "kiln_" not in refused.text
+    assert metrics_keyed.get("/metrics", headers=bearer("nope")).json()["error"]["code"] == "invalid_api_key"
+    for key in (USER, ADMIN):  # the admin key opens every user route too
+        served = metrics_keyed.get("/metrics", headers=bearer(key))
+        assert served.status_code == 200 and "kiln_requests_total" in served.text
+    assert metrics_keyed.get("/health").status_code == 200  # probes stay open
+
+
 def test_no_key_is_a_401_with_an_openai_body(keyed):
     r = keyed.get("/v1/models")
     assert r.status_code == 401

@@ -1,5 +1,5 @@
 """Run `serve run <config>` as a subprocess and wait until the app answers /health
-(used by the e2e tests and by bench/)."""
+(used by the e2e tests and by bench/); redeploy a changed config onto the running cluster."""
 
 from __future__ import annotations
 
@@ -66,3 +66,24 @@ def serve_run(config: Path, port: int, log_path: Path, timeout: float = 240.0, e
             os.killpg(proc.pid, signal.SIGKILL)
             subprocess.run([str(bin_dir / "ray"), "stop", "--force"], capture_output=True)
         log.close()
+
+
+def redeploy(config: Path, address: str, base: str, env: dict | None = None, timeout: float = 300.0) -> None:
+    """Deploy a changed `config` onto the running cluster at `address` with `serve run
+    --non-blocking` (which submits it and exits, leaving the app running). Serve replaces the
+    replicas whose args changed; return once /health answers from a new engine replica."""
+    old = httpx.get(f"{base}/health", timeout=30).json()["replica"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+    serve = str(Path(sys.executable).parent / "serve")
+    subprocess.run([serve, "run", "--non-blocking", f"--address={address}", str(config)], cwd=config.parent,
+                   env=env, check=True, capture_output=True, timeout=120)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            r = httpx.get(f"{base}/health", timeout=10)
+            if r.status_code == 200 and r.json()["replica"] != old:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"no new engine replica answered in {timeout:.0f} s after redeploying {config}")

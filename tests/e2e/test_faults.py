@@ -51,8 +51,32 @@ def answer(base, model, timeout=60) -> httpx.Response:
                       json={"model": model, "messages": ASK, "max_tokens": 12, "temperature": 0})
 
 
+def listing(base, name) -> dict:
+    r = httpx.get(f"{base}/v1/adapters", timeout=30)
+    assert r.status_code == 200, r.text
+    return next(a for a in r.json()["adapters"] if a["name"] == name)
+
+
+def current_neither_first_nor_latest(base, name) -> int:
+    """Versions 1 and 2 trained, 3 uploaded (v1's weights), then a rollback to 2: a restart
+    that loaded the first version, or the latest, would serve the wrong one."""
+    for _ in range(2):
+        assert wait_job(base, train(base, name))["state"] == "completed"
+    first = httpx.get(f"{base}/v1/adapters/{name}/download", params={"version": 1}, timeout=60)
+    assert first.status_code == 200, first.text
+    r = httpx.post(f"{base}/v1/adapters/upload", files={"file": ("v1.tar.gz", first.content, "application/gzip")},
+                   data={"name": name}, timeout=60)
+    assert r.status_code == 200 and r.json()["version"] == 3, r.text
+    r = httpx.post(f"{base}/v1/adapters/{name}/rollback", json={"version": 2}, timeout=60)
+    assert r.status_code == 200 and r.json()["current_version"] == 2, r.text
+    entry = listing(base, name)
+    assert (entry["current_version"], entry["serving_version"]) == (2, 2)
+    assert [v["version"] for v in entry["versions"]] == [1, 2, 3]
+    return 2
+
+
 def test_killing_the_engine_mid_stream(serve_app):
-    assert wait_job(serve_app, train(serve_app, "survivor"))["state"] == "completed"
+    current = current_neither_first_nor_latest(serve_app, "survivor")
     before = answer(serve_app, "survivor").json()["choices"][0]["message"]["content"]
     old_pid = health(serve_app)["memory"]["engine"]["pid"]
 
@@ -98,18 +122,19 @@ def test_killing_the_engine_mid_stream(serve_app):
     print(f"\nengine killed mid-stream: the client got an engine_unavailable event; requests succeeded "
           f"again after {recovery:.1f} s (meanwhile: {sorted(set(map(str, statuses)))})")
     assert info["memory"]["engine"]["pid"] != old_pid  # a new replica process
-    assert info["adapters_serving"].get("survivor") == 1  # reloaded from the store at start
+    assert info["adapters_serving"].get("survivor") == current  # the current version, reloaded from the store
+    assert listing(serve_app, "survivor")["serving_version"] == current
     assert r.json()["choices"][0]["message"]["content"] == before
 
 
 def test_killing_the_trainer_mid_job(serve_app):
-    job = train(serve_app, "survivor", steps=1000)
+    job = train(serve_app, "survivor", steps=1000, early_stop_loss=0)  # null would mean the default, 0.05
     deadline = time.time() + 180  # the trainer of a fresh replica may still be warming up
     while not ((status := job_status(serve_app, job)) and status["state"] == "running" and status["losses"]):
         assert time.time() < deadline, status
         time.sleep(0.2)
-    current = httpx.get(f"{serve_app}/v1/adapters", timeout=30).json()
-    version = next(a for a in current["adapters"] if a["name"] == "survivor")["current_version"]
+    entry = listing(serve_app, "survivor")
+    version, latest = entry["current_version"], max(v["version"] for v in entry["versions"])
     before = answer(serve_app, "survivor").json()["choices"][0]["message"]["content"]
 
     os.kill(health(serve_app)["memory"]["trainer"]["now"]["pid"], signal.SIGKILL)
@@ -125,4 +150,4 @@ def test_killing_the_trainer_mid_job(serve_app):
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == before
     # and the next job runs
     done = wait_job(serve_app, train(serve_app, "survivor"))
-    assert done["state"] == "completed" and done["adapter_version"] == version + 1
+    assert done["state"] == "completed" and done["adapter_version"] == latest + 1

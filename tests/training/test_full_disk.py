@@ -153,6 +153,9 @@ def test_a_save_that_runs_out_of_space_anywhere_commits_all_or_nothing(disk, exi
         finally:
             disk.empty()
         break
+    print(f"\n{disk.kind} disk, {'next version' if existing else 'new adapter'}: free space swept from 0 "
+          f"in steps of {step} bytes; {failures} saves failed with 'disk full' and left the store "
+          f"unchanged, the save with {room} bytes free committed v{version}")
     assert failures >= 4 and version == (2 if existing else 1)  # it failed at several writes, then fit
     reopened = AdapterStore(store.root)  # and a fresh writer finds nothing to clean up
     assert reopened.current_version("a") == version
@@ -253,6 +256,8 @@ def test_a_full_disk_fails_the_job_and_the_old_version_keeps_serving(server, roo
     assert answer(http, name) == served
     assert (listing(http, name)["current_version"], listing(http, name)["serving_version"]) == (1, 1)
 
+    print(f"\n{disk.kind} disk, {room} free ({ROOM[room](disk, sizes)} bytes): the job failed "
+          f"({second['error']}); v1 byte for byte intact and serving")
     third = train(http, name)  # there is room again
     assert third["state"] == "completed" and third["adapter_version"] == 2, third
     assert answer(http, f"{name}@1") == served and answer(http, name) == answer(http, f"{name}@2")
