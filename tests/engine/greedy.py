@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection
 
 import torch
 
@@ -33,14 +34,36 @@ def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def assert_same_greedy(ours: list[int], ref: list[int], hf_model, prompt: list[int], label: str) -> None:
+def hf_greedy_batch(hf_model, prompts: list[list[int]], max_new_tokens: int, pad_token_id: int) -> list[list[int]]:
+    """`hf_greedy` of every prompt in one left-padded `generate` call (much cheaper than one
+    call per prompt on CPU; padded rows give the same tokens up to fp32 near-ties)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = hf_model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_token_id,
+        )
+    return out[:, width:].tolist()
+
+
+def assert_same_greedy(
+    ours: list[int], ref: list[int], hf_model, prompt: list[int], label: str, masked_ids: Collection[int] = ()
+) -> None:
     """Equal token for token, except that a divergence at an fp32 near-tie (top-2 gap of the
-    reference logits < TIE_GAP) ends the comparison there, reported as a warning."""
+    reference logits < TIE_GAP) ends the comparison there, reported as a warning. `masked_ids`:
+    tokens both generations masked (EOS under min_tokens), so never one of the two tied."""
     if ours == ref:
         return
     k = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
     with torch.no_grad():
         logits = hf_model(torch.tensor([prompt + ref[:k]])).logits[0, -1]
+    logits[list(masked_ids)] = float("-inf")
     top2 = logits.topk(2).values
     gap = (top2[0] - top2[1]).item()
     if gap < TIE_GAP and ours[k] in logits.topk(2).indices.tolist():

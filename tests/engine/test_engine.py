@@ -165,6 +165,31 @@ def test_stops_on_eos_and_stop_tokens_and_reports_the_reason(tiny_model_dirs, pr
     assert finals["length"] == ("length", 3)
 
 
+def test_ignore_eos_generates_past_eos_and_min_tokens_holds_it_back(tiny_model_dirs, prompts):
+    """A logit_bias makes EOS (id 2) the certain next token of every step."""
+    engine = make_engine(tiny_model_dirs["llama"][0])
+    eos = dict(max_tokens=5, temperature=0.0, logit_bias={2: 100.0})
+    cases = {
+        "default": SamplingParams(**eos),
+        "ignore_eos": SamplingParams(**eos, ignore_eos=True),
+        "ignore_eos+stop_id": SamplingParams(**eos, ignore_eos=True, stop_token_ids=(2,)),
+        "min_tokens": SamplingParams(**eos, min_tokens=3),
+    }
+    for name, params in cases.items():
+        engine.add_request(name, prompts[2], params)
+    tokens, reasons = {}, {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+            reasons[o.request_id] = o.finish_reason
+    assert (reasons["default"], tokens["default"]) == ("stop", [2])
+    assert (reasons["ignore_eos"], tokens["ignore_eos"]) == ("length", [2] * 5)
+    assert (reasons["ignore_eos+stop_id"], tokens["ignore_eos+stop_id"]) == ("stop", [2])  # stop ids still stop
+    assert reasons["min_tokens"] == "stop"
+    assert len(tokens["min_tokens"]) == 4 and tokens["min_tokens"][3] == 2 and 2 not in tokens["min_tokens"][:3]
+    assert_idle(engine)
+
+
 def test_logprobs_are_log_softmax_of_the_model_logits(tiny_model_dirs, prompts):
     path, hf = tiny_model_dirs["qwen3"]
     engine = make_engine(path)

@@ -1,5 +1,6 @@
 """read_gguf against transformers: tiny models written the way llama.cpp's converter writes them,
-and the real embedded SmolLM2 GGUF converted to a transformers directory."""
+and the real embedded SmolLM2 GGUF converted to a transformers directory; and `load_model` on
+a .gguf file against transformers loading the same file (`gguf_file=`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 import torch
 import transformers
 
+from kiln_ray.model.causal_lm import CausalLM
+from kiln_ray.model.context import ForwardContext
 from kiln_ray.model.default_model import (
     COMPLETE_MARKER,
     DEFAULT_MODEL_NAME,
@@ -19,9 +22,13 @@ from kiln_ray.model.default_model import (
     ensure_default_model,
 )
 from kiln_ray.model.gguf import read_gguf
+from kiln_ray.model.loader import load_model
 from tests.helpers import rel_rms
+from tests.model.test_causal_lm import rel_max_err
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+# Our model against transformers on the same dequantised weights: max |diff| / std(logits), fp32.
+GGUF_LOGITS_TOL = 1e-4
 
 
 # --- tiny models through a llama.cpp-style writer -------------------------------------------
@@ -48,6 +55,10 @@ TINY_MODELS = {
     "qwen3-qknorm-tied": (
         "qwen3",
         transformers.Qwen3Config(**TINY, head_dim=32, tie_word_embeddings=True, rope_theta=1e6),
+    ),
+    "qwen3-qknorm-head128-untied": (
+        "qwen3",
+        transformers.Qwen3Config(**TINY, head_dim=128, tie_word_embeddings=False, rope_theta=1e6),
     ),
 }
 
@@ -84,6 +95,8 @@ def _write_like_llama_cpp(model: transformers.PreTrainedModel, arch: str, path: 
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
+    writer.add_tokenizer_model("gpt2")  # transformers' GGUF reader takes vocab_size from the token list
+    writer.add_token_list([f"<t{i}>" for i in range(config.vocab_size)])
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     for hf_name, tensor in model.state_dict().items():
@@ -101,18 +114,22 @@ def _write_like_llama_cpp(model: transformers.PreTrainedModel, arch: str, path: 
     writer.close()
 
 
-@pytest.fixture(params=list(TINY_MODELS), ids=list(TINY_MODELS))
-def tiny(request, tmp_path):
+def _tiny_gguf(name: str, directory: Path) -> tuple[str, transformers.PreTrainedModel, Path]:
     """(arch, random transformers model, its GGUF path)."""
-    arch, config = TINY_MODELS[request.param]
+    arch, config = TINY_MODELS[name]
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # every tensor random, biases and norms included, so nothing matches by luck
         for param in model.parameters():
             param.normal_()
-    path = tmp_path / f"{request.param}.gguf"
+    path = directory / f"{name}.gguf"
     _write_like_llama_cpp(model, arch, path)
     return arch, model, path
+
+
+@pytest.fixture(params=list(TINY_MODELS), ids=list(TINY_MODELS))
+def tiny(request, tmp_path):
+    return _tiny_gguf(request.param, tmp_path)
 
 
 def test_read_gguf_recovers_every_tensor_exactly(tiny):
@@ -155,6 +172,32 @@ def test_read_gguf_config_builds_the_same_model(tiny):
     ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+# --- a GGUF file straight into our model ------------------------------------------------------
+
+# What transformers' GGUF loader can read back: it ignores qwen3.attention.key_length (so
+# head_dim must be its Qwen3 default, 128), and our model has no o_proj bias (llama's
+# attention_bias puts one on all four projections).
+LOADS_IN_BOTH = ["llama-tied", "qwen2-bias-untied", "qwen3-qknorm-head128-untied"]
+IDS = torch.tensor([5, 17, 3, 99, 42, 8, 120, 31, 64, 2, 77])
+
+
+def our_logits(model: CausalLM, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.compute_logits(model(ids, torch.arange(len(ids)), ForwardContext.dense([len(ids)])))
+
+
+@pytest.mark.parametrize("name", LOADS_IN_BOTH)
+def test_load_model_on_a_gguf_file_matches_transformers_on_the_same_file(name, tmp_path):
+    _, _, path = _tiny_gguf(name, tmp_path)
+    ours = load_model(path, torch.float32)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        expected = reference(IDS[None]).logits[0]
+    assert rel_max_err(our_logits(ours, IDS), expected) < GGUF_LOGITS_TOL
 
 
 def test_read_gguf_rejects_unknown_architecture(tmp_path):
@@ -213,6 +256,21 @@ def test_smollm2_dequantised_tensors_equal_transformers_gguf_loader(smollm2_gguf
     reference = transformers_gguf_model.state_dict()
     for name, tensor in smollm2_gguf.tensors():
         assert torch.equal(tensor, reference[name]), name
+
+
+@pytest.mark.real_model
+def test_load_model_on_the_smollm2_gguf_matches_transformers_on_the_same_file(
+    transformers_gguf_model, default_model_dir
+):
+    """The Q4_1 file itself, dequantised by our reader into our model, no conversion step."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_dir)
+    ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = ids["input_ids"][0]
+    with torch.no_grad():
+        expected = transformers_gguf_model(ids[None]).logits[0]
+    ours = our_logits(load_model(default_gguf_path(), torch.float32), ids)
+    assert rel_max_err(ours, expected) < GGUF_LOGITS_TOL
+    assert ours[-1].argmax() == expected[-1].argmax()
 
 
 @pytest.mark.real_model
