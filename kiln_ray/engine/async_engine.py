@@ -118,7 +118,7 @@ class AsyncLLMEngine:
             self.abort(request.request_id)  # queued after the add, so it undoes it
             raise
         try:
-            while not stream.done:
+            while not stream.done or stream.pending:  # outputs may outrun a slow consumer: hand them all out
                 yield await stream.next_batch()
         finally:
             if not stream.done:

@@ -168,3 +168,17 @@ def test_outputs_and_a_failure_arriving_together_give_the_outputs_then_the_failu
         return first
 
     assert asyncio.run(main())[0].new_token_ids == [7]
+
+
+def test_a_consumer_slower_than_the_engine_still_gets_every_token(engine):
+    """The engine may finish a request while its consumer is still busy with an earlier batch:
+    the outputs delivered meanwhile (the final one included) are handed out, not dropped."""
+
+    async def main():
+        tokens = []
+        async for batch in engine.generate(req("slow", 6)):
+            tokens += [t for o in batch for t in o.new_token_ids]
+            await wait_idle(engine)  # busy until the engine has finished the whole request
+        return tokens
+
+    assert len(asyncio.run(main())) == 6
