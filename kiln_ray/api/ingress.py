@@ -1,6 +1,7 @@
 """KilnIngress: the Serve deployment that speaks HTTP. Thin by design: it loads the tokenizer,
 connects the routes of kiln_ray/api/routes.py to the engine deployment through a streaming
-DeploymentHandle, and exports its metrics to Ray as well as at /metrics."""
+DeploymentHandle, and exports its own metrics to Ray (the engine and the trainer export theirs)
+as well as at /metrics."""
 
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ class KilnIngress:
             model_name=served_model_name(cfg),
             max_model_len=info["max_model_len"],
             vocab_size=info["vocab_size"],
-            metrics=Metrics(ray_metrics=serve_metrics),
+            metrics=Metrics("ingress", ray_metrics=serve_metrics),
         )
         self._asgi = create_app(ctx)
         log.info("KilnIngress ready for %s (context %d tokens)", ctx.model_name, ctx.max_model_len)

@@ -29,7 +29,7 @@ from kiln_ray.api.ui import install_ui
 from kiln_ray.adapters.store import InvalidAdapterName, parse_ref
 from kiln_ray.node import AdapterChoice
 from kiln_ray.config import KilnConfig
-from kiln_ray.engine.async_engine import GenerateRequest
+from kiln_ray.engine.async_engine import EngineDeadError, GenerateRequest
 from kiln_ray.engine.sampling_params import SamplingParams
 from kiln_ray.metrics import Metrics
 from kiln_ray.procinfo import process_memory
@@ -47,7 +47,7 @@ class ServerContext:
     model_name: str
     max_model_len: int
     vocab_size: int
-    metrics: Metrics = field(default_factory=Metrics)
+    metrics: Metrics = field(default_factory=lambda: Metrics("ingress"))
     started: float = field(default_factory=time.time)
 
 
@@ -105,7 +105,6 @@ class _Routes:
     def __init__(self, ctx: ServerContext):
         self.ctx = ctx
         self.tok = ctx.tokenizer
-        self._swaps_seen = 0
 
     # -- info ----------------------------------------------------------------------------------
 
@@ -116,18 +115,14 @@ class _Routes:
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     async def metrics(self) -> Response:
-        info = await self.ctx.engine.info()
-        m = self.ctx.metrics
-        for key, name in (("running", "kiln_running_requests"), ("waiting", "kiln_waiting_requests"),
-                          ("kv_blocks_used", "kiln_kv_blocks_used"), ("kv_blocks_total", "kiln_kv_blocks_total")):
-            m.set(name, info.get(key, 0), to_ray=False)  # the engine reports these to Ray each step
-        for adapter, version in info.get("adapters_serving", {}).items():
-            if "~" not in adapter:  # not the compositions built on the fly
-                m.set("kiln_adapter_version", version, to_ray=False, adapter=adapter)
-        swaps = info.get("adapter_swaps", 0)
-        m.inc("kiln_adapter_swaps_total", swaps - self._swaps_seen, to_ray=False)
-        self._swaps_seen = max(self._swaps_seen, swaps)
-        return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        """The ingress's figures and the engine's and trainer's, as the engine replica that
+        answers has them (with several replicas, Ray's export has each one); while the engine
+        is unavailable, the ingress's alone."""
+        try:
+            others = await self.ctx.engine.call("metric_families")
+        except EngineDeadError:
+            others = []
+        return Response(self.ctx.metrics.render(others), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models(self) -> dict:
         base = {"id": self.ctx.model_name, "object": "model", "created": int(self.ctx.started),
