@@ -10,6 +10,7 @@ import logging
 import os
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from kiln_ray.api.chat import ChatFormatError, render_chat
 from kiln_ray.api.auth import KeyCheck, presented_key, required_access
 from kiln_ray.api.engine_client import EngineClient
 from kiln_ray.api.errors import APIError, engine_error, error_response, install_error_handlers
-from kiln_ray.api.generation import ChoiceText, Delta
+from kiln_ray.api.generation import ChoiceText, Delta, merge_deltas
 from kiln_ray.api.schemas import BatchCompletionRequest, ChatCompletionRequest, CompletionRequest, SamplingFields
 from kiln_ray.api.training_routes import call, install_training_routes
 from kiln_ray.api.ui import install_ui
@@ -365,8 +366,9 @@ class _Routes:
     async def _deltas(
         self, gen: GenerateRequest, choice: AdapterChoice, choices: list[ChoiceText], timing: _Timing
     ) -> AsyncIterator[list[Delta]]:
-        """Engine batches -> per-choice deltas; ends (aborting the engine request) once every
-        choice has finished, e.g. on stop strings."""
+        """Engine batches -> one delta per choice that changed (a batch may hold several
+        increments of one choice); ends (aborting the engine request) once every choice has
+        finished, e.g. on stop strings."""
         metrics = self.ctx.metrics
         async with aclosing(self.ctx.engine.generate(gen, choice)) as stream:
             async for batch in stream:
@@ -374,14 +376,16 @@ class _Routes:
                 if timing.first is None:
                     timing.first = now
                     metrics.observe("kiln_time_to_first_token_seconds", now - timing.start)
-                for o in batch:  # per choice: the gap since its previous tokens, spread over them
-                    previous = timing.last.get(o.index)
-                    if previous is not None and o.new_token_ids:
-                        gap = (now - previous) / len(o.new_token_ids)
-                        for _ in o.new_token_ids:
-                            metrics.observe("kiln_inter_token_latency_seconds", gap)
-                    timing.last[o.index] = now
-                yield [choices[o.index].feed(o) for o in batch]
+                new_tokens = Counter()
+                for o in batch:
+                    new_tokens[o.index] += len(o.new_token_ids)
+                for index, count in new_tokens.items():  # the gap since a choice's previous tokens, spread over them
+                    previous = timing.last.get(index)
+                    if previous is not None and count:
+                        for _ in range(count):
+                            metrics.observe("kiln_inter_token_latency_seconds", (now - previous) / count)
+                    timing.last[index] = now
+                yield merge_deltas([choices[o.index].feed(o) for o in batch])
                 if all(c.finished for c in choices):
                     return
 
