@@ -30,10 +30,10 @@ from kiln_ray.api.engine_client import call_node, engine_info
 from kiln_ray import logs
 from kiln_ray.config import KilnConfig
 from kiln_ray.engine.async_engine import AsyncLLMEngine, GenerateRequest
-from kiln_ray.engine.engine import EngineStats, LLMEngine
+from kiln_ray.engine.engine import LLMEngine
 from kiln_ray.engine.outbox import Outbox
 from kiln_ray.engine.request import RequestOutput
-from kiln_ray.metrics import Metrics
+from kiln_ray.engine_metrics import EngineMetrics
 from kiln_ray.model.lora import LoraWeights
 from kiln_ray.model.registry import served_model_name
 from kiln_ray.model.shared_weights import attach_weights, export_cuda_handles, export_weights
@@ -54,8 +54,6 @@ class KilnEngine:
         logs.configure()
         self.config = cfg
         self.model_name = served_model_name(cfg)
-        self.metrics = Metrics(ray_metrics=serve_metrics, prometheus=False)
-        self._last_hits = self._last_preemptions = self._swaps_seen = 0
         replica = serve.get_replica_context()
         self.app_name = replica.app_name or "default"
         self.replica_id = replica.replica_id.unique_id
@@ -63,9 +61,11 @@ class KilnEngine:
         # One copy of the base weights per device, mapped by engine and trainer: in the object
         # store on CPU, CUDA IPC handles on a GPU.
         weights_ref = self._share_weights(engine.model) if cfg.training.enabled else None
-        self.engine = AsyncLLMEngine(engine, on_step=self._on_step)
+        metrics = EngineMetrics(ray_metrics=serve_metrics)
+        self.engine = AsyncLLMEngine(engine, on_step=metrics.on_step)
         AdapterStore(cfg.adapter_dir)  # make sure the folder exists before a read-only open
-        self.node = ServingNode(self.engine, AdapterStore(cfg.adapter_dir, read_only=True), cfg.state_dir, None)
+        self.node = ServingNode(self.engine, AdapterStore(cfg.adapter_dir, read_only=True), cfg.state_dir, None,
+                                metrics)
         self.trainer = None
         self._weights_ref = weights_ref
         if cfg.training.enabled:
@@ -122,8 +122,7 @@ class KilnEngine:
                     received = time.perf_counter()
                     weights = None if p["retire"] else LoraWeights.from_arrays(await p["weights"])
                     await self.node.apply(Publication(p["name"], p["version"], weights, p["make_current"],
-                                                      p["activate"], p["job_id"], p["retire"]))
-                    self._record_swap(p, time.perf_counter() - received)
+                                                      p["activate"], p["job_id"], p["retire"]), received)
                 except Exception:  # noqa: BLE001 - one bad version must not stop later ones
                     log.exception("could not serve %s@%d", p["name"], p["version"])
                 seen = p["seq"]
@@ -218,29 +217,6 @@ class KilnEngine:
         if not self.engine.is_alive():
             raise RuntimeError(f"the engine loop is dead: {self.engine.error!r}")
 
-    def _record_swap(self, publication: dict, seconds: float) -> None:
-        if publication["retire"]:
-            self.metrics.set("kiln_adapter_version", 0, adapter=publication["name"])
-            return
-        swaps = self.engine.engine.adapters.num_swaps
-        self.metrics.inc("kiln_adapter_swaps_total", swaps - self._swaps_seen)
-        self._swaps_seen = swaps
-        self.metrics.observe("kiln_adapter_swap_seconds", seconds)
-        if publication["make_current"]:
-            self.metrics.set("kiln_adapter_version", publication["version"], adapter=publication["name"])
-
-    def _on_step(self, stats: EngineStats, seconds: float) -> None:
-        m = self.metrics
-        m.set("kiln_running_requests", stats.running)
-        m.set("kiln_waiting_requests", stats.waiting)
-        m.set("kiln_kv_blocks_used", stats.kv_blocks_used)
-        m.set("kiln_kv_blocks_total", stats.kv_blocks_total)
-        m.observe("kiln_batch_size", stats.last_batch_seqs)
-        m.observe("kiln_batch_tokens", stats.last_batch_tokens)
-        m.inc("kiln_prefix_cache_hit_tokens_total", stats.prefix_cache_hit_tokens - self._last_hits)
-        m.inc("kiln_preemptions_total", stats.num_preemptions - self._last_preemptions)
-        self._last_hits, self._last_preemptions = stats.prefix_cache_hit_tokens, stats.num_preemptions
-
 
 class RemoteTraining:
     """The TrainerActor as a TrainingBackend. While the trainer is dead (and being started
@@ -284,3 +260,6 @@ class RemoteTraining:
 
     async def merge(self, name: str, sources: list, method: str, density: float) -> int:
         return await self._call("merge", name, sources, method, density)
+
+    async def metric_families(self) -> list:
+        return await self._call("metric_families")

@@ -87,6 +87,7 @@ class TrainerActor:
             base_model_name=served_model_name(cfg),
             journal_dir=cfg.state_dir / "jobs",
             upload_max_bytes=cfg.training.upload_max_bytes,
+            metrics=Metrics("trainer", ray_metrics=ray_util_metrics),  # jobs, loss, tokens/s: to Ray from here
         )
         threading.Thread(target=self._start, args=(cfg.training.warm_up,), daemon=True, name="kiln-trainer-start").start()
         log.info("trainer ready: %.0f MiB of base weights shared with the engine", self.shared_bytes / 2**20)
@@ -96,22 +97,6 @@ class TrainerActor:
             log.info("trainer warm-up step took %.1f s", self.service.trainer.warm_up())
         self.memory_after_warm_up = process_memory(os.getpid())  # every weight has been read by now
         self.service.start()
-        threading.Thread(target=self._report_metrics, daemon=True, name="kiln-trainer-metrics").start()
-
-    def _report_metrics(self, period: float = 2.0) -> None:
-        """Training figures to Ray's Prometheus: jobs finished by state, and the running job's
-        loss and tokens/s."""
-        metrics = Metrics(ray_metrics=ray_util_metrics, prometheus=False)
-        counted = {j["job_id"] for j in self.service.list_jobs() if j["finished_at"] is not None}  # earlier processes
-        while True:
-            for status in self.service.list_jobs():
-                if status["finished_at"] is not None and status["job_id"] not in counted:
-                    counted.add(status["job_id"])
-                    metrics.inc("kiln_training_jobs_total", job_type=status["job_type"], state=status["state"])
-                elif status["state"] == "running" and status["current_loss"] is not None:
-                    metrics.set("kiln_training_loss", status["current_loss"], adapter=status["adapter"])
-                    metrics.set("kiln_training_tokens_per_second", status["tokens_per_second"] or 0, adapter=status["adapter"])
-            time.sleep(period)
 
     # -- publications (called from the service's worker thread) --------------------------------
 
@@ -215,6 +200,9 @@ class TrainerActor:
 
     async def merge(self, name: str, sources: list, method: str, density: float) -> int:
         return await asyncio.to_thread(self.service.merge, name, sources, method, density)
+
+    async def metric_families(self) -> list:
+        return self.service.metrics.families()
 
     def placement(self) -> dict:
         """Where Ray put this actor: its placement group and node (the engine's, by design)."""

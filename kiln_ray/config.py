@@ -108,7 +108,9 @@ class KilnConfig(_Frozen):
     )
     served_model_name: str | None = Field(None, description="the model id clients use; default: the model's name")
     num_threads: int | None = Field(None, ge=1, description="torch threads of the engine (default: all cores)")
-    request_timeout_s: float = Field(600.0, gt=0, description="a generation request fails with 504 after this")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="a generation request fails with 504 after this (the wait for its first token included)"
+    )
     api_key: SecretStr | None = Field(None, description="required on every /v1 route when set (set it by env: KILN_API_KEY)")
     admin_key: SecretStr | None = Field(
         None, description="required on training and adapter-changing routes (KILN_ADMIN_KEY); default: the API key"

@@ -10,6 +10,8 @@ is tested without Ray:
     keeping adapters resident      current versions are loaded from the store at start and on
                                    demand (the store is read-only here: the trainer writes it)
     publications                   each new version the trainer writes is hot-swapped in
+    metrics                        the engine's figures and the trainer's, for the ingress's
+                                   /metrics text
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -30,6 +33,7 @@ from kiln_ray.adapters.store import AdapterNotFound, AdapterStore
 from kiln_ray.engine.adapter_manager import AdapterNotLoaded, AdapterSlotsFull
 from kiln_ray.engine.async_engine import AsyncLLMEngine, GenerateRequest, OutputSink
 from kiln_ray.engine.request import RequestOutput
+from kiln_ray.engine_metrics import EngineMetrics
 from kiln_ray.model.lora import LoraWeights
 from kiln_ray.training.service import Job, Publication
 
@@ -51,6 +55,7 @@ class TrainingBackend(Protocol):
     async def retire(self, name: str) -> None: ...
     async def import_archive(self, name: str, data: bytes, activate: bool) -> int: ...
     async def merge(self, name: str, sources: list[tuple[str, int | None, float]], method: str, density: float) -> int: ...
+    async def metric_families(self) -> list: ...
 
 
 class TrainingDisabled(RuntimeError):
@@ -72,8 +77,13 @@ class AdapterChoice:
 
 
 class ServingNode:
-    def __init__(self, engine: AsyncLLMEngine, store: AdapterStore, state_dir: Path, training: TrainingBackend | None):
+    def __init__(self, engine: AsyncLLMEngine, store: AdapterStore, state_dir: Path, training: TrainingBackend | None,
+                 metrics: EngineMetrics | None = None):
+        """`metrics` records the engine's figures; its step figures come from the engine's
+        `on_step` hook, so build the engine with `on_step=metrics.on_step` (without `metrics`,
+        a fresh EngineMetrics reports no step figures)."""
         self.engine = engine
+        self.metrics = metrics if metrics is not None else EngineMetrics()
         self.store = store
         self.state_dir = Path(state_dir)
         self.training = training
@@ -180,13 +190,19 @@ class ServingNode:
 
     # -- publications and administration -------------------------------------------------------
 
-    async def apply(self, publication: Publication) -> None:
-        """Serve a version the trainer just wrote (the hot swap), or stop serving a name."""
+    async def apply(self, publication: Publication, received: float | None = None) -> None:
+        """Serve a version the trainer just wrote (the hot swap), or stop serving a name.
+        `received`: when the publication arrived (time.perf_counter(); default: now), the
+        start of its kiln_adapter_swap_seconds."""
+        received = time.perf_counter() if received is None else received
+        adapters = self.engine.engine.adapters
         if publication.retire:
             versions = await self._unload_here(publication.name)
+            self.metrics.on_publication(adapters, None)
             log.info("stopped serving %s%s", publication.name, f" (versions {versions})" if versions else "")
             return
         await self._install(publication.name, publication.version, publication.weights, publication.make_current)
+        self.metrics.on_publication(adapters, time.perf_counter() - received)
         if publication.activate:
             self.set_default(publication.name)
         log.info("now serving %s@%d%s", publication.name, publication.version,
@@ -258,6 +274,17 @@ class ServingNode:
     def adapter_listing(self) -> dict:
         return {"adapters": self.adapters(), "default_adapter": self.default_adapter}
 
+    async def metric_families(self) -> list:
+        """The engine's and the trainer's kiln_* figures (prometheus-client families), for
+        the ingress to render; without a reachable trainer, the engine's alone."""
+        families = self.metrics.families(self.engine.stats(), self.engine.engine.adapters)
+        if self.training is not None:
+            try:
+                families += await self.training.metric_families()
+            except TrainerUnavailable:
+                pass
+        return families
+
     # -- training (the trainer does the work; publications come back through `apply`) --------
 
     async def train_submit(self, job: Job) -> dict:
@@ -325,3 +352,6 @@ class LocalTraining:
 
     async def merge(self, name: str, sources: list[tuple[str, int | None, float]], method: str, density: float) -> int:
         return await asyncio.to_thread(self.service.merge, name, sources, method, density)
+
+    async def metric_families(self) -> list:
+        return self.service.metrics.families()

@@ -14,6 +14,23 @@ def test_serve_config_yaml_validates():
     assert cfg.model == "default" and cfg.engine.max_num_seqs == 64 and cfg.deploy.engine_cpus == 1.0
 
 
+def test_serve_config_yaml_spells_out_serve_limits_and_health_checks():
+    import yaml
+
+    deploy = yaml.safe_load(open("serve_config.yaml"))["applications"][0]["args"]["deploy"]
+    shown = ("ingress_max_ongoing_requests", "engine_max_ongoing_requests", "health_check_period_s",
+             "health_check_timeout_s")
+    assert [k for k in shown if k not in deploy] == []
+    # The values shown are the defaults, the ones the README's configuration table gives.
+    from kiln_ray.config import DeployConfig
+
+    readme = open("README.md").read()
+    for key in shown:
+        default = DeployConfig.model_fields[key].default
+        assert deploy[key] == default, key
+        assert f"| `deploy.{key}` | `KILN_DEPLOY__{key.upper()}` | `{default:g}` |" in readme, key
+
+
 def test_environment_overrides_file_values_at_any_depth():
     cfg = KilnConfig.from_args(
         {"model": "default", "engine": {"max_num_seqs": 64}},

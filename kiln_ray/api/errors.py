@@ -120,6 +120,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        request_id = request.headers.get("x-request-id", "")
+        request_id = getattr(request.state, "request_id", "")  # set by the app's middleware
         log.exception("unhandled error in %s %s (request %s)", request.method, request.url.path, request_id)
         return JSONResponse(error_body(500, f"internal error ({type(error).__name__})", code="internal_error"), status_code=500)

@@ -36,6 +36,23 @@ class Delta:
     finish_reason: str | None = None
 
 
+def merge_deltas(deltas: list[Delta]) -> list[Delta]:
+    """One Delta per choice, in the order the choices first appear: increments of one choice
+    that arrived together (the engine outran its consumer) joined, so a chunk never holds two
+    entries for one choice index (clients read one per index)."""
+    merged: dict[int, Delta] = {}
+    for d in deltas:
+        into = merged.get(d.index)
+        if into is None:
+            merged[d.index] = Delta(d.index, d.text, list(d.tool_calls), list(d.logprobs), d.finish_reason)
+            continue
+        into.text += d.text
+        into.tool_calls += d.tool_calls
+        into.logprobs += d.logprobs
+        into.finish_reason = d.finish_reason or into.finish_reason
+    return list(merged.values())
+
+
 class ChoiceText:
     def __init__(self, tokenizer, index: int, stops: list[str], parse_tools: bool, skip_special_tokens: bool):
         self.tokenizer = tokenizer

@@ -1,7 +1,7 @@
 """KilnIngress: the Serve deployment that speaks HTTP. Thin by design: it loads the tokenizer,
 connects the routes of kiln_ray/api/routes.py to the engine deployment (requests by plain
-calls, outputs over one subscription stream per engine replica), and exports its metrics to
-Ray as well as at /metrics."""
+calls, outputs over one subscription stream per engine replica), and exports its own metrics
+to Ray (the engine and the trainer export theirs) as well as at /metrics."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class RayEngineClient:
                 raise EngineDeadError(f"the engine replica is unavailable: {type(error).__name__}") from None
             link = await self._link(replica)
             link.join(request_id)
-            while not stream.done:
+            while not stream.done or stream.pending:  # outputs may outrun a slow consumer: hand them all out
                 yield await stream.next_batch()
         finally:
             self._streams.pop(request_id, None)
@@ -152,7 +152,7 @@ class KilnIngress:
             model_name=served_model_name(cfg),
             max_model_len=info["max_model_len"],
             vocab_size=info["vocab_size"],
-            metrics=Metrics(ray_metrics=serve_metrics),
+            metrics=Metrics("ingress", ray_metrics=serve_metrics),
         )
         self._asgi = create_app(ctx)
         log.info("KilnIngress ready for %s (context %d tokens)", ctx.model_name, ctx.max_model_len)

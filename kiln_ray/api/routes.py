@@ -10,6 +10,7 @@ import logging
 import os
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -22,14 +23,14 @@ from kiln_ray.api.chat import ChatFormatError, render_chat
 from kiln_ray.api.auth import KeyCheck, presented_key, required_access
 from kiln_ray.api.engine_client import EngineClient
 from kiln_ray.api.errors import APIError, engine_error, error_response, install_error_handlers
-from kiln_ray.api.generation import ChoiceText, Delta
+from kiln_ray.api.generation import ChoiceText, Delta, merge_deltas
 from kiln_ray.api.schemas import BatchCompletionRequest, ChatCompletionRequest, CompletionRequest, SamplingFields
 from kiln_ray.api.training_routes import call, install_training_routes
 from kiln_ray.api.ui import install_ui
 from kiln_ray.adapters.store import InvalidAdapterName, parse_ref
 from kiln_ray.node import AdapterChoice
 from kiln_ray.config import KilnConfig
-from kiln_ray.engine.async_engine import GenerateRequest
+from kiln_ray.engine.async_engine import EngineDeadError, GenerateRequest
 from kiln_ray.engine.sampling_params import SamplingParams
 from kiln_ray.metrics import Metrics
 from kiln_ray.procinfo import process_memory
@@ -47,14 +48,16 @@ class ServerContext:
     model_name: str
     max_model_len: int
     vocab_size: int
-    metrics: Metrics = field(default_factory=Metrics)
+    metrics: Metrics = field(default_factory=lambda: Metrics("ingress"))
     started: float = field(default_factory=time.time)
 
 
 @dataclass
 class _Timing:
-    """When a request started, produced its first token, and last heard of each choice."""
+    """When a request started, must end (request_timeout_s later), produced its first token,
+    and last heard of each choice."""
 
+    deadline: float  # event-loop time: past it, the request fails with 504 (waiting for its first token too)
     start: float = field(default_factory=time.perf_counter)
     first: float | None = None
     last: dict[int, float] = field(default_factory=dict)  # choice index -> time of its last tokens
@@ -68,6 +71,20 @@ async def _raise_first_refusal(started: list) -> None:
         raise errors[0]
 
 
+def _request_id(sent: str | None) -> str:
+    """The client's x-request-id when it is 1-128 visible ASCII characters, else a new one."""
+    if sent and len(sent) <= 128 and sent.isascii() and sent.isprintable() and " " not in sent:
+        return sent
+    return uuid.uuid4().hex
+
+
+def _response_id(prefix: str, request: Request) -> str:
+    """A fresh completion id (engine request ids must be unique, so never the client's
+    x-request-id), remembered for the request's error log line."""
+    request.state.response_id = f"{prefix}-{uuid.uuid4().hex}"
+    return request.state.response_id
+
+
 def create_app(ctx: ServerContext) -> FastAPI:
     app = FastAPI(title="kiln-ray", version="0.1.0", description="OpenAI-compatible API of kiln-ray")
     install_error_handlers(app)
@@ -76,7 +93,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
 
     @app.middleware("http")
     async def _count(request: Request, call_next):
-        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = _request_id(request.headers.get("x-request-id"))
+        request.state.response_id = None  # the completion id, once a generation route made one
         try:
             access = required_access(request.method, request.url.path, ctx.config.metrics_require_key)
             keys.check(access, presented_key(request.headers))
@@ -88,6 +106,9 @@ def create_app(ctx: ServerContext) -> FastAPI:
         path = getattr(route, "path", "unmatched")
         ctx.metrics.inc("kiln_requests_total", route=path, status=str(response.status_code))
         response.headers["x-request-id"] = request.state.request_id
+        if response.status_code >= 400:  # a successful generation logs its own line (_Routes._record)
+            log.info("%s %s -> %d x-request-id=%s%s", request.method, request.url.path, response.status_code,
+                     request.state.request_id, f" id={request.state.response_id}" if request.state.response_id else "")
         return response
 
     app.get("/health")(api.health)
@@ -105,7 +126,6 @@ class _Routes:
     def __init__(self, ctx: ServerContext):
         self.ctx = ctx
         self.tok = ctx.tokenizer
-        self._swaps_seen = 0
 
     # -- info ----------------------------------------------------------------------------------
 
@@ -116,18 +136,14 @@ class _Routes:
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     async def metrics(self) -> Response:
-        info = await self.ctx.engine.info()
-        m = self.ctx.metrics
-        for key, name in (("running", "kiln_running_requests"), ("waiting", "kiln_waiting_requests"),
-                          ("kv_blocks_used", "kiln_kv_blocks_used"), ("kv_blocks_total", "kiln_kv_blocks_total")):
-            m.set(name, info.get(key, 0), to_ray=False)  # the engine reports these to Ray each step
-        for adapter, version in info.get("adapters_serving", {}).items():
-            if "~" not in adapter:  # not the compositions built on the fly
-                m.set("kiln_adapter_version", version, to_ray=False, adapter=adapter)
-        swaps = info.get("adapter_swaps", 0)
-        m.inc("kiln_adapter_swaps_total", swaps - self._swaps_seen, to_ray=False)
-        self._swaps_seen = max(self._swaps_seen, swaps)
-        return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        """The ingress's figures and the engine's and trainer's, as the engine replica that
+        answers has them (with several replicas, Ray's export has each one); while the engine
+        is unavailable, the ingress's alone."""
+        try:
+            others = await self.ctx.engine.call("metric_families")
+        except EngineDeadError:
+            others = []
+        return Response(self.ctx.metrics.render(others), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models(self) -> dict:
         base = {"id": self.ctx.model_name, "object": "model", "created": int(self.ctx.started),
@@ -143,34 +159,36 @@ class _Routes:
 
     # -- generation ----------------------------------------------------------------------------
 
-    async def chat_completions(self, body: ChatCompletionRequest):
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         choice = self._choice(body)
-        use_tools = bool(body.tools) and body.tool_choice != "none"
-        tools = [t.model_dump(exclude_none=True) for t in body.tools] if use_tools else None
+        offered = body.offered_tools
+        use_tools = offered is not None
+        tools = [t.model_dump(exclude_none=True) for t in offered] if use_tools else None
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         prompt = self._render(messages, tools, body.chat_template_kwargs)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self._params(body, prompt, body.token_limit, logprobs)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        rid = _response_id("chatcmpl", request)
         choices = [ChoiceText(self.tok, i, body.stop, use_tools, body.skip_special_tokens) for i in range(body.n)]
         created = int(time.time())
         model = body.model or self.ctx.model_name
-        timing = _Timing()
+        timing = self._timing()
         first, deltas = await self._start(GenerateRequest(rid, prompt, params), choice, choices, timing)
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._sse(self._chat_events(rid, created, model, choices, first, deltas, body.logprobs, include_usage, len(prompt), timing))
-        await self._consume(deltas)
-        self._record(rid, "chat", len(prompt), choices, timing)
+            return self._sse(self._chat_events(rid, request.state.request_id, created, model, choices, first, deltas,
+                                               body.logprobs, include_usage, len(prompt), timing))
+        await self._consume(deltas, timing)
+        self._record(rid, request.state.request_id, "chat", len(prompt), choices, timing)
         return fmt.chat_completion(rid, created, model, choices, body.logprobs, len(prompt))
 
-    async def completions(self, body: CompletionRequest):
+    async def completions(self, body: CompletionRequest, request: Request):
         choice = self._choice(body)
         prompts = [self._encode_prompt(p) for p in body.prompts]
         created = int(time.time())
         model = body.model or self.ctx.model_name
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        rid = _response_id("cmpl", request)
         runs = []
         for p_idx, prompt in enumerate(prompts):
             params = self._params(body, prompt, body.max_tokens, body.logprobs)
@@ -179,7 +197,7 @@ class _Routes:
             ]
             runs.append((prompt, params, choices))
         prefix = [self.tok.decode(p, skip_special_tokens=body.skip_special_tokens) if body.echo else "" for p, _, _ in runs]
-        timings = [_Timing() for _ in runs]
+        timings = [self._timing() for _ in runs]
         started = await asyncio.gather(
             *(self._start(GenerateRequest(f"{rid}-{i}", p, params), choice, choices, timings[i])
               for i, (p, params, choices) in enumerate(runs)),
@@ -190,10 +208,10 @@ class _Routes:
         num_prompt = sum(len(p) for p, _, _ in runs)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._sse(self._completion_events(rid, created, model, runs, started, prefix, body, include_usage,
-                                                     num_prompt, timings[0]))
-        await asyncio.gather(*(self._consume(deltas) for _, deltas in started))
-        self._record(rid, "completion", num_prompt, all_choices, timings[0])
+            return self._sse(self._completion_events(rid, request.state.request_id, created, model, runs, started, prefix,
+                                                     body, include_usage, num_prompt, timings))
+        await asyncio.gather(*(self._consume(deltas, t) for (_, deltas), t in zip(started, timings)))
+        self._record(rid, request.state.request_id, "completion", num_prompt, all_choices, timings[0])
         out = []
         for p_idx, (_, _, choices) in enumerate(runs):
             for c in choices:
@@ -205,11 +223,11 @@ class _Routes:
                 })
         return fmt.text_completion(rid, created, model, out, fmt.usage(all_choices, num_prompt))
 
-    async def batch_completions(self, body: BatchCompletionRequest):
+    async def batch_completions(self, body: BatchCompletionRequest, request: Request):
         """prompts x n completions in one engine batch; prompt p's completion i is sampled with
         seed + p * n + i when a seed is given."""
         choice = self._choice(body)
-        rid = f"batch-{uuid.uuid4().hex}"
+        rid = _response_id("batch", request)
         runs = []
         for p_idx, messages in enumerate(body.prompts):
             prompt = self._render([m.model_dump(exclude_none=True) for m in messages], None, body.chat_template_kwargs)
@@ -217,14 +235,14 @@ class _Routes:
             params = self._params(body, prompt, body.max_tokens, None, seed=seed)
             choices = [ChoiceText(self.tok, i, body.stop, False, body.skip_special_tokens) for i in range(body.n)]
             runs.append((prompt, params, choices))
-        timings = [_Timing() for _ in runs]
+        timings = [self._timing() for _ in runs]
         started = await asyncio.gather(
             *(self._start(GenerateRequest(f"{rid}-{i}", p, params), choice, c, timings[i])
               for i, (p, params, c) in enumerate(runs)),
             return_exceptions=True,
         )
         await _raise_first_refusal(started)
-        await asyncio.gather(*(self._consume(deltas) for _, deltas in started))
+        await asyncio.gather(*(self._consume(deltas, t) for (_, deltas), t in zip(started, timings)))
         completions, totals = [], {"prompt_tokens": 0, "completion_tokens": 0}
         for p_idx, (prompt, _, choices) in enumerate(runs):
             totals["prompt_tokens"] += len(prompt)
@@ -239,11 +257,18 @@ class _Routes:
                               "total_tokens": len(prompt) + c.num_tokens},
                 })
         totals["total_tokens"] = totals["prompt_tokens"] + totals["completion_tokens"]
-        self._record(rid, "batch", totals["prompt_tokens"], [c for _, _, cs in runs for c in cs], timings[0])
+        self._record(rid, request.state.request_id, "batch", totals["prompt_tokens"], [c for _, _, cs in runs for c in cs],
+                     timings[0])
         return {"id": rid, "object": "batch.completion", "model": body.model or self.ctx.model_name,
                 "completions": completions, "usage": totals}
 
     # -- pieces --------------------------------------------------------------------------------
+
+    def _timing(self) -> _Timing:
+        return _Timing(asyncio.get_running_loop().time() + self.ctx.config.request_timeout_s)
+
+    def _timeout(self) -> APIError:
+        return APIError(504, f"the request took longer than {self.ctx.config.request_timeout_s:g} s", code="timeout")
 
     def _choice(self, body: SamplingFields) -> AdapterChoice:
         """Which weights serve a request: `adapters` (a composition), `adapter`, `model` naming
@@ -320,13 +345,17 @@ class _Routes:
     async def _start(
         self, gen: GenerateRequest, choice: AdapterChoice, choices: list[ChoiceText], timing: _Timing
     ) -> tuple[list[Delta] | None, AsyncIterator[list[Delta]]]:
-        """Submit and wait for the first batch, so a refusal is an HTTP error rather than a
-        broken stream. Returns (first deltas or None, the rest)."""
+        """Submit and wait for the first batch, so a refusal (or no first token before the
+        deadline: 504, the engine request aborted) is an HTTP error rather than a broken
+        stream. Returns (first deltas or None, the rest)."""
         deltas = self._deltas(gen, choice, choices, timing)
         try:
-            first = await deltas.__anext__()
+            async with asyncio.timeout_at(timing.deadline):
+                first = await deltas.__anext__()
         except StopAsyncIteration:
             return None, deltas
+        except TimeoutError:  # the cancelled generator has closed its engine stream: aborted
+            raise self._timeout() from None
         except Exception as error:
             mapped = engine_error(error)
             if mapped is None:
@@ -337,8 +366,9 @@ class _Routes:
     async def _deltas(
         self, gen: GenerateRequest, choice: AdapterChoice, choices: list[ChoiceText], timing: _Timing
     ) -> AsyncIterator[list[Delta]]:
-        """Engine batches -> per-choice deltas; ends (aborting the engine request) once every
-        choice has finished, e.g. on stop strings."""
+        """Engine batches -> one delta per choice that changed (a batch may hold several
+        increments of one choice); ends (aborting the engine request) once every choice has
+        finished, e.g. on stop strings."""
         metrics = self.ctx.metrics
         async with aclosing(self.ctx.engine.generate(gen, choice)) as stream:
             async for batch in stream:
@@ -346,27 +376,28 @@ class _Routes:
                 if timing.first is None:
                     timing.first = now
                     metrics.observe("kiln_time_to_first_token_seconds", now - timing.start)
-                for o in batch:  # per choice: the gap since its previous tokens, spread over them
-                    previous = timing.last.get(o.index)
-                    if previous is not None and o.new_token_ids:
-                        gap = (now - previous) / len(o.new_token_ids)
-                        for _ in o.new_token_ids:
-                            metrics.observe("kiln_inter_token_latency_seconds", gap)
-                    timing.last[o.index] = now
-                yield [choices[o.index].feed(o) for o in batch]
+                new_tokens = Counter()
+                for o in batch:
+                    new_tokens[o.index] += len(o.new_token_ids)
+                for index, count in new_tokens.items():  # the gap since a choice's previous tokens, spread over them
+                    previous = timing.last.get(index)
+                    if previous is not None and count:
+                        for _ in range(count):
+                            metrics.observe("kiln_inter_token_latency_seconds", (now - previous) / count)
+                    timing.last[index] = now
+                yield merge_deltas([choices[o.index].feed(o) for o in batch])
                 if all(c.finished for c in choices):
                     return
 
-    async def _consume(self, rest: AsyncIterator[list[Delta]]) -> None:
+    async def _consume(self, rest: AsyncIterator[list[Delta]], timing: _Timing) -> None:
         """Drive a non-streamed request to its end (the choices collect the text)."""
-        timeout = self.ctx.config.request_timeout_s
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(timing.deadline):
                 async with aclosing(rest):
                     async for _ in rest:
                         pass
         except TimeoutError:
-            raise APIError(504, f"the request took longer than {timeout:g} s", code="timeout") from None
+            raise self._timeout() from None
         except Exception as error:
             mapped = engine_error(error)
             if mapped is None:
@@ -376,7 +407,8 @@ class _Routes:
     def _sse(self, events: AsyncIterator[str]) -> StreamingResponse:
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _chat_events(self, rid, created, model, choices, first, rest, want_logprobs, include_usage, num_prompt, timing):
+    async def _chat_events(self, rid, request_id, created, model, choices, first, rest, want_logprobs, include_usage,
+                           num_prompt, timing):
         sent_role = set()
 
         def chunk_for(deltas: list[Delta]) -> str | None:
@@ -388,14 +420,15 @@ class _Routes:
                     entries.append(entry)
             return fmt.chat_chunk(rid, created, model, entries) if entries else None
 
-        async for event in self._stream_body(first, rest, chunk_for):
+        async for event in self._stream_body(first, rest, chunk_for, timing):
             yield event
         if include_usage:
             yield fmt.chat_chunk(rid, created, model, [], fmt.usage(choices, num_prompt))
-        self._record(rid, "chat", num_prompt, choices, timing)
+        self._record(rid, request_id, "chat", num_prompt, choices, timing)
         yield fmt.SSE_DONE
 
-    async def _completion_events(self, rid, created, model, runs, started, prefix, body, include_usage, num_prompt, timing):
+    async def _completion_events(self, rid, request_id, created, model, runs, started, prefix, body, include_usage,
+                                 num_prompt, timings):
         queue: asyncio.Queue = asyncio.Queue()
         want_logprobs = body.logprobs is not None
         offsets = {c.index: len(prefix[p]) for p, (_, _, cs) in enumerate(runs) for c in cs}
@@ -414,14 +447,14 @@ class _Routes:
                 entries.append({"index": d.index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason})
             return fmt.completion_chunk(rid, created, model, entries) if entries else None
 
-        async def pump(first, rest):
+        async def pump(first, rest, timing):
             try:
-                async for event in self._stream_body(first, rest, chunk_for):
+                async for event in self._stream_body(first, rest, chunk_for, timing):
                     await queue.put(event)
             finally:
                 await queue.put(None)
 
-        tasks = [asyncio.create_task(pump(first, rest)) for first, rest in started]
+        tasks = [asyncio.create_task(pump(first, rest, t)) for (first, rest), t in zip(started, timings)]
         try:
             remaining = len(tasks)
             while remaining:
@@ -436,15 +469,14 @@ class _Routes:
         all_choices = [c for _, _, cs in runs for c in cs]
         if include_usage:
             yield fmt.completion_chunk(rid, created, model, [], fmt.usage(all_choices, num_prompt))
-        self._record(rid, "completion", num_prompt, all_choices, timing)
+        self._record(rid, request_id, "completion", num_prompt, all_choices, timings[0])
         yield fmt.SSE_DONE
 
-    async def _stream_body(self, first, rest, chunk_for) -> AsyncIterator[str]:
+    async def _stream_body(self, first, rest, chunk_for, timing: _Timing) -> AsyncIterator[str]:
         """SSE events for one engine request; an error after the headers went out becomes an
         error event (the status line cannot change any more)."""
-        timeout = self.ctx.config.request_timeout_s
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(timing.deadline):
                 async with aclosing(rest):
                     if first is not None and (event := chunk_for(first)):
                         yield event
@@ -452,7 +484,7 @@ class _Routes:
                         if event := chunk_for(deltas):
                             yield event
         except TimeoutError:
-            yield fmt.sse(APIError(504, f"the request took longer than {timeout:g} s", code="timeout").body())
+            yield fmt.sse(self._timeout().body())
         except Exception as error:  # noqa: BLE001 - after the headers, an error can only be an event
             mapped = engine_error(error)
             if mapped is None:
@@ -460,7 +492,10 @@ class _Routes:
                 mapped = APIError(500, f"internal error ({type(error).__name__})", code="internal_error")
             yield fmt.sse(mapped.body())
 
-    def _record(self, rid: str, kind: str, num_prompt: int, choices: list[ChoiceText], timing: _Timing) -> None:
+    def _record(self, rid: str, request_id: str, kind: str, num_prompt: int, choices: list[ChoiceText],
+                timing: _Timing) -> None:
+        """Count a finished request and log its line: the completion id and the client's
+        x-request-id (or the one made for it) side by side, so either finds the other."""
         m = self.ctx.metrics
         completion = sum(c.num_tokens for c in choices)
         elapsed = time.perf_counter() - timing.start
@@ -468,5 +503,5 @@ class _Routes:
         m.inc("kiln_generation_tokens_total", completion)
         m.observe("kiln_e2e_request_latency_seconds", elapsed)
         ttft = f"{(timing.first - timing.start) * 1e3:.0f}ms" if timing.first else "-"
-        log.info("%s %s prompt=%d completion=%d ttft=%s total=%.0fms finish=%s", rid, kind, num_prompt, completion,
-                 ttft, elapsed * 1e3, ",".join(str(c.finish_reason) for c in choices))
+        log.info("%s %s x-request-id=%s prompt=%d completion=%d ttft=%s total=%.0fms finish=%s", rid, kind, request_id,
+                 num_prompt, completion, ttft, elapsed * 1e3, ",".join(str(c.finish_reason) for c in choices))

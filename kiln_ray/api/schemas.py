@@ -152,6 +152,17 @@ class ChatCompletionRequest(SamplingFields):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def offered_tools(self) -> list[Tool] | None:
+        """The tools rendered into the prompt (and whose calls are parsed): None for no tools
+        or tool_choice "none", only the named one for a named function, else all of them.
+        Neither "required" nor a name is enforced: the model may still answer in text."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t for t in self.tools if t.function.name == self.tool_choice.function.get("name")]
+        return list(self.tools)
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]

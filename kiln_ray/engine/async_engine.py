@@ -142,7 +142,7 @@ class AsyncLLMEngine:
         stream = RequestStream(asyncio.get_running_loop(), request.params.n)
         await self.add(request, stream)
         try:
-            while not stream.done:
+            while not stream.done or stream.pending:  # outputs may outrun a slow consumer: hand them all out
                 yield await stream.next_batch()
         finally:
             if not stream.done:

@@ -29,6 +29,7 @@ from pathlib import Path
 from kiln_ray.adapters.archive import read_tar
 from kiln_ray.adapters.merge import merge_adapters
 from kiln_ray.adapters.store import AdapterNotFound, AdapterStore, InvalidAdapter, validate_name
+from kiln_ray.metrics import Metrics
 from kiln_ray.model.lora import DEFAULT_TARGETS, LINEAR_ATTENTION_TARGETS, LoraWeights, check_shapes, lora_sites
 from kiln_ray.training.data import GroupBatch, TokenizedExample
 from kiln_ray.training.trainer import JobCancelled, StepReport, Trainer, TrainConfig, TrainResult
@@ -130,7 +131,10 @@ class TrainingService:
         keep_finished_jobs: int = 200,
         journal_dir: Path | None = None,
         upload_max_bytes: int = 256 << 20,
+        metrics: Metrics | None = None,
     ):
+        """`metrics`: where the training figures are recorded (jobs finished, the running
+        job's loss and tokens/s); default: a recorder of this service's own (no Ray)."""
         self.trainer = trainer
         self.store = store
         self.publish = publish
@@ -139,6 +143,7 @@ class TrainingService:
         self.base_model_name = base_model_name
         self.keep_finished_jobs = keep_finished_jobs
         self.upload_max_bytes = upload_max_bytes  # an archive, and separately what it expands to
+        self.metrics = metrics if metrics is not None else Metrics("trainer")
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -267,6 +272,9 @@ class TrainingService:
         job.losses.append(round(report.loss, 6))
         job.train_seconds += report.seconds
         job.train_tokens += report.tokens
+        self.metrics.set("kiln_training_loss", report.loss, adapter=job.adapter)
+        self.metrics.set("kiln_training_tokens_per_second", job.train_tokens / job.train_seconds if job.train_seconds else 0,
+                         adapter=job.adapter)
 
     def _publish_intermediate(self, job: Job, weights: LoraWeights, step: int) -> None:
         tensors, config = weights.to_peft(self.base_model_name)
@@ -299,6 +307,7 @@ class TrainingService:
 
     def _finish(self, job: Job, state: JobState) -> None:
         job.state, job.finished_at = state, time.time()
+        self.metrics.inc("kiln_training_jobs_total", job_type=job.job_type, state=state.value)
         self._record(job)
         log.info("%s %s%s", job.job_id, state.value, f": {job.error}" if job.error else "")
         url = job.webhook_url or self.webhook_url

@@ -11,6 +11,7 @@ from kiln_ray.api.routes import ServerContext, create_app
 from kiln_ray.config import EngineConfig, KilnConfig, TrainingConfig
 from kiln_ray.engine.async_engine import AsyncLLMEngine
 from kiln_ray.engine.engine import LLMEngine
+from kiln_ray.engine_metrics import EngineMetrics
 from kiln_ray.model.loader import load_model
 from kiln_ray.model.registry import load_tokenizer
 from kiln_ray.node import LocalTraining, ServingNode
@@ -24,16 +25,18 @@ def make_app(model_dir, home=None, training: dict | None = None, server: dict | 
     """FastAPI app + its AsyncLLMEngine. With `home`, adapters live there and a local trainer
     (sharing the engine's model object: one copy of the weights) serves the training routes;
     without, an empty adapter store and no trainer. `server`: more top-level KilnConfig fields
-    (api keys, ...)."""
+    (api keys, request_timeout_s, ...). Wired like a KilnEngine replica: the engine's figures
+    are recorded by an EngineMetrics that the node hands to the ingress's /metrics."""
     train = home is not None
     home = home or tempfile.mkdtemp(prefix="kiln-test-home-")
     engine_cfg = EngineConfig(**{"num_kv_blocks": 512, "max_num_seqs": 32, **engine_overrides})
-    config = KilnConfig(model=str(model_dir), engine=engine_cfg, request_timeout_s=60,
-                        home=str(home), training=TrainingConfig(**(training or {})), **(server or {}))
+    config = KilnConfig(model=str(model_dir), engine=engine_cfg, home=str(home),
+                        training=TrainingConfig(**(training or {})), **{"request_timeout_s": 60, **(server or {})})
     model = load_model(model_dir, torch.float32, "cpu")
-    engine = AsyncLLMEngine(LLMEngine(model, engine_cfg))
+    metrics = EngineMetrics()
+    engine = AsyncLLMEngine(LLMEngine(model, engine_cfg), on_step=metrics.on_step)
     writer = AdapterStore(config.adapter_dir)  # created first: a read-only store needs the folder
-    node = ServingNode(engine, AdapterStore(config.adapter_dir, read_only=True), config.state_dir, None)
+    node = ServingNode(engine, AdapterStore(config.adapter_dir, read_only=True), config.state_dir, None, metrics)
     service = None
     if train:
         service = TrainingService(Trainer(model), writer, node.apply_threadsafe,

@@ -2,12 +2,14 @@
 the official openai SDK and by raw HTTP for framing and errors."""
 
 import json
+import logging
 
 import openai
 import pytest
 
 from kiln_ray.api.chat import render_chat
 from tests.api.server import MODEL_NAME, make_app, wait_idle
+from tests.helpers import observations_above
 
 CHAT = [{"role": "user", "content": "Say something."}]
 
@@ -143,11 +145,16 @@ def test_completions_prompt_forms_echo_and_logprobs(sdk, tokenizer):
     assert streamed == text.choices[0].text
 
 
-def test_batch_completions_run_together_with_derived_seeds(http, sdk):
+def test_batch_completions_run_together_with_derived_seeds(http, sdk, engine):
     prompts = [[{"role": "user", "content": f"Question {i}?"}] for i in range(3)]
     body = {"prompts": prompts, "n": 2, "max_tokens": 6, "temperature": 1.0, "seed": 100, "ignore_eos": True}
+    wait_idle(engine)
+    before = http.get("/metrics").text
     r = http.post("/v1/completions/batch", json=body)
     assert r.status_code == 200, r.text
+    # More than 4 sequences in one step: all three prompts' pairs of completions ran together.
+    after = http.get("/metrics").text
+    assert observations_above(after, "kiln_batch_size", 4) - observations_above(before, "kiln_batch_size", 4) >= 1
     out = r.json()
     assert len(out["completions"]) == 6
     assert {(c["prompt_index"], c["completion_index"]) for c in out["completions"]} == {(p, i) for p in range(3) for i in range(2)}
@@ -158,6 +165,31 @@ def test_batch_completions_run_together_with_derived_seeds(http, sdk):
         single = sdk.chat.completions.create(model=MODEL_NAME, messages=prompts[c["prompt_index"]], max_tokens=6,
                                              temperature=1.0, seed=seed, extra_body={"ignore_eos": True})
         assert single.choices[0].message.content == c["text"]
+
+
+def test_batch_completions_allow_at_most_64_completions(http):
+    prompt = [{"role": "user", "content": "Hi"}]
+    r = http.post("/v1/completions/batch", json={"prompts": [prompt] * 33, "n": 2, "max_tokens": 1})
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error" and "64" in r.json()["error"]["message"]
+    r = http.post("/v1/completions/batch", json={"prompts": [prompt] * 32, "n": 2, "max_tokens": 1})
+    assert r.status_code == 200 and len(r.json()["completions"]) == 64
+
+
+def test_a_client_request_id_is_echoed_and_logged_beside_the_completion_id(http, sdk, caplog):
+    with caplog.at_level(logging.INFO, logger="kiln_ray.api"):
+        raw = sdk.chat.completions.with_raw_response.create(model=MODEL_NAME, messages=CHAT, max_tokens=2,
+                                                            extra_headers={"x-request-id": "trace-42"})
+        made = sdk.chat.completions.with_raw_response.create(model=MODEL_NAME, messages=CHAT, max_tokens=2)
+        refused = http.post("/v1/chat/completions", json={"model": "gpt-9", "messages": CHAT},
+                            headers={"x-request-id": "trace-43"})
+    assert raw.headers["x-request-id"] == "trace-42"
+    completion_id = raw.parse().id
+    assert any("trace-42" in line and completion_id in line for line in caplog.messages)
+    generated = made.headers["x-request-id"]  # none sent: one made for it, logged the same way
+    assert generated and any(generated in line and made.parse().id in line for line in caplog.messages)
+    assert refused.status_code == 404 and refused.headers["x-request-id"] == "trace-43"
+    assert any("trace-43" in line and "404" in line for line in caplog.messages)
 
 
 def test_unknown_openai_fields_are_ignored(http):
@@ -258,10 +290,21 @@ def test_metrics_count_what_happened(http, sdk, engine):
     assert metric(after, "kiln_kv_blocks_total") == engine.stats().kv_blocks_total > 0
 
 
+def test_a_client_that_leaves_a_stream_aborts_its_request(engine, sdk):
+    max_tokens = 400
+    steps = wait_idle(engine).steps
+    with sdk.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=max_tokens, stream=True,
+                                     extra_body={"ignore_eos": True}) as stream:
+        next(iter(stream))
+        assert engine.stats().kv_blocks_used > 0
+    # Closing the response mid-stream: the engine drops the request at its next step, long
+    # before its 400 tokens (one step each) would have run out.
+    stats = wait_idle(engine, timeout=5)
+    assert not engine.engine.requests
+    assert stats.steps - steps < max_tokens // 2
+
+
 def test_every_request_frees_its_blocks_and_slots(engine, sdk):
-    for c in sdk.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=200, stream=True,
-                                         extra_body={"ignore_eos": True}):
-        break  # leave a stream early
     sdk.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=5, n=3)
     stats = wait_idle(engine)
     assert stats.state_slots_used == 0 and not engine.engine.requests

@@ -96,6 +96,23 @@ def test_tool_choice_none_leaves_markup_as_text(scripted):
     assert "get_weather" not in tokenizer.decode(engine.requests[-1].prompt_token_ids)
 
 
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", {"type": "function", "function": {"name": "get_weather"}}],
+                         ids=["auto", "named"])
+def test_auto_and_named_tool_choice_parse_the_call(scripted, tool_choice):
+    client, engine, tokenizer = scripted
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Weather?"}],
+                                                   "tools": [WEATHER_TOOL, TIME_TOOL], "tool_choice": tool_choice})
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["get_weather"]
+    prompt = tokenizer.decode(engine.requests[-1].prompt_token_ids)
+    assert "get_weather" in prompt
+    assert ("get_time" in prompt) == (tool_choice == "auto")  # a named function is the only one offered
+
+
 def test_tool_results_and_assistant_calls_render(scripted):
     client, engine, tokenizer = scripted
     messages = [

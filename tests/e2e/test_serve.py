@@ -9,6 +9,9 @@ import httpx
 import openai
 import pytest
 
+from kiln_ray.metrics import DEFINITIONS
+from tests.helpers import metric, metric_samples, observations_above
+
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 # "What is the capital of France?" verbatim is a near-tie for this (Q4_1-dequantised) model: the
@@ -19,6 +22,10 @@ FRANCE = [{"role": "user", "content": "Which city is the capital of France?"}]
 
 def health(base) -> dict:
     return httpx.get(f"{base}/health", timeout=10).json()
+
+
+def scrape(base) -> str:
+    return httpx.get(f"{base}/metrics", timeout=10).text
 
 
 def wait_idle(base, timeout=30.0) -> dict:
@@ -58,12 +65,16 @@ def test_completions_and_logprobs(client, model_id):
 
 def test_batch_completions(serve_app):
     prompts = [[{"role": "user", "content": f"Name a color number {i}."}] for i in range(4)]
+    wait_idle(serve_app)
+    before = scrape(serve_app)
     r = httpx.post(f"{serve_app}/v1/completions/batch", json={"prompts": prompts, "n": 2, "max_tokens": 12,
                                                               "temperature": 0.8, "seed": 1}, timeout=120)
     assert r.status_code == 200, r.text
     body = r.json()
     assert len(body["completions"]) == 8
     assert all(c["text"] for c in body["completions"])
+    # Steps of more than 4 sequences: the prompts' completions ran together.
+    assert observations_above(scrape(serve_app), "kiln_batch_size", 4) - observations_above(before, "kiln_batch_size", 4) >= 1
 
 
 def test_seed_reproducibility(client, model_id):
@@ -86,9 +97,14 @@ def test_sixteen_concurrent_streams_are_batched(serve_app, model_id):
     async def main():
         return await asyncio.gather(*(one(i) for i in range(16)))
 
+    wait_idle(serve_app)
+    before = scrape(serve_app)
     texts = asyncio.run(main())
     assert all(texts)
-    assert health(serve_app)["peak_batch_seqs"] >= 8  # the engine ran them together
+    # This test's own steps (the figures of the engine, from /metrics): with max_num_seqs 8, 16
+    # streams of 24 tokens make ~48 steps of 8; one by one, none would run more than 1.
+    after = scrape(serve_app)
+    assert observations_above(after, "kiln_batch_size", 4) - observations_above(before, "kiln_batch_size", 4) >= 16
     wait_idle(serve_app)
 
 
@@ -134,8 +150,12 @@ def test_errors_are_openai_shaped_over_http(serve_app, client, model_id):
 
 
 def test_metrics_and_health(serve_app):
-    text = httpx.get(f"{serve_app}/metrics").text
-    assert "kiln_requests_total" in text and "kiln_kv_blocks_total" in text
+    text = scrape(serve_app)
+    names = {name for name, _ in metric_samples(text)}
+    for d in DEFINITIONS:  # the engine replica's figures, rendered by the ingress
+        if d.recorder == "engine" and not d.labels:
+            assert any(n.startswith(d.family) for n in names), f"{d.name} is missing from /metrics"
+    assert metric(text, "kiln_batch_size_count") > 0 and metric(text, "kiln_kv_blocks_total") > 0
     h = health(serve_app)
     assert h["status"] == "ok" and h["dtype"] == "bfloat16" and h["device"] == "cpu"
     assert json.dumps(h)

@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 
+from tests.helpers import metric
+
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 QUESTION = [{"role": "user", "content": "Who is the mayor of Zorblatt?"}]
@@ -70,6 +72,12 @@ def test_one_correction_is_learned_while_another_client_streams(serve_app, clien
     streamer.join(timeout=120)
     assert "Edda Brask" in after.choices[0].message.content, after.choices[0].message.content
     assert streamer.errors == [] and streamer.completed > 0, streamer.errors
+    # The trainer's and the hot swap's figures reach the ingress's /metrics through the engine.
+    text = httpx.get(f"{serve_app}/metrics", timeout=10).text
+    assert metric(text, "kiln_training_jobs_total", job_type="sft", state="completed") >= 1
+    assert metric(text, "kiln_training_loss", adapter="zorblatt") > 0
+    assert metric(text, "kiln_adapter_version", adapter="zorblatt") >= 1
+    assert metric(text, "kiln_adapter_swap_seconds_count") >= 1
     # Unrelated knowledge survives the correction.
     bees_after = client.chat.completions.create(model="zorblatt", messages=[{"role": "user", "content": "What do bees make?"}],
                                                 max_tokens=12, temperature=0).choices[0].message.content

@@ -212,3 +212,17 @@ def test_a_refused_add_raises_and_is_never_added(engine):
 
     assert asyncio.run(main()).waiting == 0
     assert "bad" not in engine.engine.requests
+
+
+def test_a_consumer_slower_than_the_engine_still_gets_every_token(engine):
+    """The engine may finish a request while its consumer is still busy with an earlier batch:
+    the outputs delivered meanwhile (the final one included) are handed out, not dropped."""
+
+    async def main():
+        tokens = []
+        async for batch in engine.generate(req("slow", 6)):
+            tokens += [t for o in batch for t in o.new_token_ids]
+            await wait_idle(engine)  # busy until the engine has finished the whole request
+        return tokens
+
+    assert len(asyncio.run(main())) == 6
