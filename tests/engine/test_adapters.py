@@ -68,11 +68,14 @@ def test_swap_keeps_inflight_requests_on_old_version(engine):
     assert old_alone != new_alone
     engine.load_adapter("x", 1, v1)  # back to v1, then swap to v2 mid-stream
     engine.add_request("before", prompt, GREEDY, "x")
+    before = []
     for _ in range(4):
-        engine.step()
+        before.extend(t for o in engine.step() for t in o.new_token_ids)
+    assert 0 < len(before) < len(old_alone)  # the swap below lands mid-stream
     engine.load_adapter("x", 2, v2)
     engine.add_request("after", prompt, GREEDY, "x")
     outs = run_to_completion(engine)
+    assert before + outs["before"][0] == old_alone  # admitted before the swap: all of it on v1
     assert outs["after"][0] == new_alone
     assert_idle(engine)
 
