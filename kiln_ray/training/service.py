@@ -90,6 +90,7 @@ class Job:
     train_seconds: float = 0.0  # summed step times, and the tokens those steps processed
     train_tokens: int = 0
     adapter_version: int | None = None
+    stopped_early: bool = False  # the job's loss fell below early_stop_loss before its last step
     error: str | None = None
     notes: list[str] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
@@ -110,6 +111,7 @@ class Job:
             "train_seconds": round(self.train_seconds, 3),
             "adapter": self.adapter,
             "adapter_version": self.adapter_version,
+            "stopped_early": self.stopped_early,
             "error": self.error,
             "notes": list(self.notes),
             "created_at": self.created_at,
@@ -130,12 +132,14 @@ class TrainingService:
         keep_finished_jobs: int = 200,
         journal_dir: Path | None = None,
         upload_max_bytes: int = 256 << 20,
+        webhook_timeout_s: float = 5.0,
     ):
         self.trainer = trainer
         self.store = store
         self.publish = publish
         self.max_queued_jobs = max_queued_jobs
         self.webhook_url = webhook_url
+        self.webhook_timeout_s = webhook_timeout_s  # connect, read and write, each
         self.base_model_name = base_model_name
         self.keep_finished_jobs = keep_finished_jobs
         self.upload_max_bytes = upload_max_bytes  # an archive, and separately what it expands to
@@ -143,12 +147,19 @@ class TrainingService:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._worker = threading.Thread(target=self._run, name="kiln-trainer", daemon=True)
+        self.ready = threading.Event()  # set once the worker takes jobs (after the warm-up, if any)
+        self._warm_up = False
+        self.warm_up_seconds: float | None = None
         self.journal = JobJournal(journal_dir, keep_finished_jobs) if journal_dir is not None else None
         # Jobs of earlier trainer processes; a job that was queued or running when its process
         # died is failed, with the reason, so its client learns what happened.
         self.history: OrderedDict[str, dict] = self.journal.recover() if self.journal else OrderedDict()
 
-    def start(self) -> None:
+    def start(self, warm_up: bool = False) -> None:
+        """Start the worker; with `warm_up`, it first runs the trainer's throwaway step (the
+        first backward's one-time costs), so the first job does not pay them. Jobs submitted
+        meanwhile wait in the queue."""
+        self._warm_up = warm_up
         self._worker.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -207,6 +218,13 @@ class TrainingService:
     # -- the worker ----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self._warm_up:
+            try:
+                self.warm_up_seconds = self.trainer.warm_up()
+                log.info("trainer warm-up step took %.1f s", self.warm_up_seconds)
+            except Exception:  # noqa: BLE001 - jobs still run; the first one pays the costs
+                log.exception("the trainer warm-up step failed")
+        self.ready.set()
         while True:
             job = self._queue.get()
             if job is None:
@@ -232,6 +250,10 @@ class TrainingService:
             self._finish(job, JobState.FAILED)
             return
         job.notes.extend(result.notes)
+        if result.stopped_early:
+            job.stopped_early = True
+            job.notes.append(f"stopped early at step {result.steps} of {job.total_steps}: the loss on the job's "
+                             f"examples fell below early_stop_loss {job.config.early_stop_loss}")
         try:
             if result.steps:
                 job.adapter_version = self._save(job, result)
@@ -303,7 +325,7 @@ class TrainingService:
         log.info("%s %s%s", job.job_id, state.value, f": {job.error}" if job.error else "")
         url = job.webhook_url or self.webhook_url
         if url:
-            threading.Thread(target=_post_webhook, args=(url, job.status()), daemon=True).start()
+            threading.Thread(target=_post_webhook, args=(url, job.status(), self.webhook_timeout_s), daemon=True).start()
 
     # -- adapter administration (the store's writes) -------------------------------------------
 
@@ -361,11 +383,13 @@ class TrainingService:
         return self.store.current_version(name) if self.store.exists(name) else None
 
 
-def _post_webhook(url: str, body: dict) -> None:
+def _post_webhook(url: str, body: dict, timeout: float) -> None:
+    """POST a job status on its own thread: a slow receiver holds up nothing but this thread,
+    and for at most `timeout` per phase; a redirect is not followed (it could point anywhere)."""
     import httpx
 
     try:
-        response = httpx.post(url, json=body, timeout=5.0, follow_redirects=False)
+        response = httpx.post(url, json=body, timeout=timeout, follow_redirects=False)
         if response.status_code >= 300:
             log.warning("webhook %s answered %d for %s", url, response.status_code, body["job_id"])
     except httpx.HTTPError as error:
