@@ -116,7 +116,7 @@ class AdapterManager:
             stale = [r for r in idle if self.current.get(r.name) != r.version]
             victims = stale or idle
             if not victims:
-                raise AdapterSlotsFull(f"all {self.num_slots} adapter slots are in use by running requests")
+                raise AdapterSlotsFull(f"all {self.num_slots} adapter slots are in use by running requests or loads")
             victim = min(victims, key=lambda r: r.last_used)
             self._drop(victim)
             slot = victim.slot

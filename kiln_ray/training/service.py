@@ -7,8 +7,9 @@ source of adapter publications. Plain Python (a worker thread); the trainer acto
 A job continues from its adapter's current version (weights + optimizer state) unless it asks
 for a fresh start, replays a sample of the adapter's earlier examples, and on success writes
 version N+1 to the store (atomically), records its examples beside it, and publishes it:
-`publish(Publication)` is how the engine hears about a new version. Every state change can
-POST a webhook (short timeout, no redirects, failures logged, never blocking the queue).
+`publish(Publication)` is how the engine hears about a new version. A finished job (completed,
+failed or cancelled) POSTs its status to the webhook if one is configured (webhook.py: short
+timeout, no redirects, failures logged, never blocking the queue).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from kiln_ray.adapters.store import AdapterNotFound, AdapterStore, InvalidAdapte
 from kiln_ray.model.lora import DEFAULT_TARGETS, LINEAR_ATTENTION_TARGETS, LoraWeights, check_shapes, lora_sites
 from kiln_ray.training.data import GroupBatch, TokenizedExample
 from kiln_ray.training.trainer import JobCancelled, StepReport, Trainer, TrainConfig, TrainResult
+from kiln_ray.training.webhook import post_status
 
 log = logging.getLogger("kiln_ray.training")
 
@@ -325,7 +327,7 @@ class TrainingService:
         log.info("%s %s%s", job.job_id, state.value, f": {job.error}" if job.error else "")
         url = job.webhook_url or self.webhook_url
         if url:
-            threading.Thread(target=_post_webhook, args=(url, job.status(), self.webhook_timeout_s), daemon=True).start()
+            threading.Thread(target=post_status, args=(url, job.status(), self.webhook_timeout_s), daemon=True).start()
 
     # -- adapter administration (the store's writes) -------------------------------------------
 
@@ -381,19 +383,6 @@ class TrainingService:
 
     def _current(self, name: str) -> int | None:
         return self.store.current_version(name) if self.store.exists(name) else None
-
-
-def _post_webhook(url: str, body: dict, timeout: float) -> None:
-    """POST a job status on its own thread: a slow receiver holds up nothing but this thread,
-    and for at most `timeout` per phase; a redirect is not followed (it could point anywhere)."""
-    import httpx
-
-    try:
-        response = httpx.post(url, json=body, timeout=timeout, follow_redirects=False)
-        if response.status_code >= 300:
-            log.warning("webhook %s answered %d for %s", url, response.status_code, body["job_id"])
-    except httpx.HTTPError as error:
-        log.warning("webhook %s failed for %s: %s", url, body["job_id"], error)
 
 
 class JobJournal:
