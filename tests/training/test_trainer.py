@@ -2,6 +2,7 @@
 stopped, GRPO moves probability towards rewarded completions, and on the real default model
 one correction is learned while unrelated answers stay the same."""
 
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -153,6 +154,19 @@ UNRELATED = [("What do bees make?", "honey"), ("What is the capital of France?",
              ("What is 2+2?", "4"), ("What colour is the sky?", "blue")]
 
 
+@contextmanager
+def one_thread():
+    """The real-model tests run torch on one thread (the trainer actor's default,
+    training.num_threads): on this 2-core machine, shared with other work, two threads made
+    an SmolLM2 training step ~20 s instead of ~1 s, and a 16-token batch ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def smol(default_model_dir):
     from kiln_ray.model.registry import load_tokenizer
@@ -169,7 +183,8 @@ def first_correction(smol):
     model, tok = smol
     question, answer = FACTS[0]
     ex = sft_example(tok, [{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
-    return ex, Trainer(model).run_sft([ex], TrainConfig())
+    with one_thread():
+        return ex, Trainer(model).run_sft([ex], TrainConfig())
 
 
 def greedy_answers(smol, questions, adapters: dict, max_tokens=16, base=True) -> dict[tuple[str | None, str], str]:
@@ -189,7 +204,8 @@ def greedy_answers(smol, questions, adapters: dict, max_tokens=16, base=True) ->
         prompt = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
                                          return_dict=False)
         engine.add_request(str(i), prompt, SamplingParams(max_tokens=max_tokens, temperature=0), name)
-    outs = run_to_completion(engine)
+    with one_thread():
+        outs = run_to_completion(engine)
     return {key: tok.decode(outs[str(i)][0], skip_special_tokens=True) for i, key in enumerate(keys)}
 
 
@@ -226,7 +242,8 @@ def test_replay_keeps_earlier_corrections_on_the_real_model(smol, first_correcti
     trainer, weights, state, pool = Trainer(model), result.weights, result.optimizer_state, [first]
     for question, fact in FACTS[1:]:
         ex = sft_example(tok, [{"role": "user", "content": question}, {"role": "assistant", "content": fact}])
-        result = trainer.run_sft([ex], TrainConfig(), start=weights, optimizer_state=state, replay=list(pool))
+        with one_thread():
+            result = trainer.run_sft([ex], TrainConfig(), start=weights, optimizer_state=state, replay=list(pool))
         weights, state = result.weights, result.optimizer_state
         pool.append(ex)
     questions = [q for q, _ in FACTS] + ["What do bees make?"]
