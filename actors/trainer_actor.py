@@ -93,10 +93,9 @@ class TrainerActor:
         log.info("trainer ready: %.0f MiB of base weights shared with the engine", self.shared_bytes / 2**20)
 
     def _start(self, warm_up: bool) -> None:
-        if warm_up:
-            log.info("trainer warm-up step took %.1f s", self.service.trainer.warm_up())
+        self.service.start(warm_up)
+        self.service.ready.wait()
         self.memory_after_warm_up = process_memory(os.getpid())  # every weight has been read by now
-        self.service.start()
 
     # -- publications (called from the service's worker thread) --------------------------------
 

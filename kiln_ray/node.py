@@ -177,11 +177,12 @@ class ServingNode:
         return self._weights[key]
 
     async def _install(self, name: str, version: int, weights: LoraWeights, make_current: bool) -> None:
-        """Load into a slot between two steps; waits (bounded) while every slot is pinned."""
+        """Copy into a free slot beside the running steps, then flip between two steps (the
+        hot swap); waits (bounded) while every slot is pinned."""
         deadline = asyncio.get_running_loop().time() + SLOT_WAIT_S
         while True:
             try:
-                await self.engine.call(lambda e: e.load_adapter(name, version, weights, make_current))
+                await self.engine.load_adapter(name, version, weights, make_current)
                 return
             except AdapterSlotsFull:
                 if asyncio.get_running_loop().time() > deadline:

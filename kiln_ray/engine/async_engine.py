@@ -2,8 +2,11 @@
 
     thread "kiln-engine-loop"          asyncio side (ingress / actor)
     ------------------------           ------------------------------
-    drain commands (add, abort)  <---  add(request, sink) / generate(): queue "add",
-    engine.step()                      await its result, then await batches of outputs
+    drain commands (add, abort,  <---  add(request, sink) / generate(): queue "add",
+    call)                              await its result, then await batches of outputs;
+                                       load_adapter(): "call" reserve a slot, copy into it
+                                       on a worker thread, "call" commit (the flip)
+    engine.step()
     hand outputs to each sink    --->  (one call_soon_threadsafe per sink and step; batches
     sleep while there is no work        coalesce while a consumer is slower than the engine)
 
@@ -11,10 +14,12 @@ A sink receives the outputs of one request (`generate`'s stream) or of many (an 
 kiln_ray/engine/outbox.py, which carries every request of one ingress replica over a single
 stream); either way it gets one `put` per step with all of its requests' increments.
 
-The engine is touched only by the loop thread. A caller that stops iterating (client gone,
-stop string matched) aborts its request, so its KV blocks are freed at the next step. If a
-step raises, the loop stops, every stream fails with the error, and `is_alive` turns False
-so a supervisor (Ray Serve's health check) can restart the process.
+The engine is touched only by the loop thread, except for the copy of a new adapter into a
+slot reserved for it, which writes only that slot (LLMEngine.fill_adapter_slot). A caller
+that stops iterating (client gone, stop string matched) aborts its request, so its KV blocks
+are freed at the next step. If a step raises, the loop stops, every stream fails with the
+error, and `is_alive` turns False so a supervisor (Ray Serve's health check) can restart
+the process.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Protocol
 from kiln_ray.engine.engine import EngineStats, LLMEngine
 from kiln_ray.engine.request import RequestOutput
 from kiln_ray.engine.sampling_params import SamplingParams
+from kiln_ray.model.lora import LoraWeights
 
 log = logging.getLogger(__name__)
 
@@ -154,13 +160,33 @@ class AsyncLLMEngine:
 
     async def call(self, fn: Callable, *args):
         """Run fn(engine, *args) on the loop thread between two steps and return its result
-        (or raise its exception): how adapters are loaded and swapped without racing a step."""
+        (or raise its exception): how the adapter bookkeeping changes without racing a step."""
         if self._error is not None or not self._thread.is_alive():
             raise EngineDeadError(f"the engine loop has stopped: {self._error!r}")
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         self._submit(("call", fn, args, loop, done))
         return await done
+
+    async def load_adapter(self, name: str, version: int, weights: LoraWeights, make_current: bool = True) -> None:
+        """The hot swap without stalling decoding (DESIGN §3): a slot is reserved between two
+        steps, the tensors are copied into it on a worker thread while steps go on, and
+        `name -> slot` flips between two later steps. Requests admitted before the flip run
+        on the old version. Raises what LLMEngine.reserve_adapter_slot raises."""
+        fill = await self.call(LLMEngine.reserve_adapter_slot, name, version, weights, make_current)
+        if fill is None:  # resident already
+            return
+        loop = asyncio.get_running_loop()
+        copy = loop.run_in_executor(None, self.engine.fill_adapter_slot, fill, weights)
+        try:
+            await asyncio.shield(copy)
+        except BaseException:
+            # A cancelled caller does not stop the worker thread: the slot goes back only
+            # once nothing writes it any more.
+            copy.add_done_callback(lambda _: self._submit(("call", LLMEngine.abandon_adapter_slot, (fill,), loop,
+                                                            loop.create_future())))
+            raise
+        await self.call(LLMEngine.commit_adapter_slot, fill)
 
     def stats(self) -> EngineStats:
         """A snapshot taken after the latest step."""

@@ -22,7 +22,7 @@ import torch
 from kernels.dispatch import select_kernels
 from kernels.linear import prepack_available
 from kiln_ray.config import EngineConfig, KilnConfig, torch_dtype
-from kiln_ray.engine.adapter_manager import AdapterManager
+from kiln_ray.engine.adapter_manager import AdapterManager, SlotFill
 from kiln_ray.engine.block_manager import BlockManager
 from kiln_ray.engine.request import Request, RequestOutput, RequestStatus
 from kiln_ray.engine.runner import ModelRunner, Sample
@@ -214,23 +214,56 @@ class LLMEngine:
 
     # -- adapters ------------------------------------------------------------------------------
 
-    def load_adapter(self, name: str, version: int, weights: LoraWeights, make_current: bool = True) -> int:
-        """Write an adapter version into a free slot and (make_current) flip `name` to it:
-        the hot swap. Call between steps. Requests already running keep the version they
-        pinned. Returns the slot. Raises AdapterSlotsFull or ValueError (rank/targets)."""
+    def load_adapter(self, name: str, version: int, weights: LoraWeights, make_current: bool = True) -> int | None:
+        """The hot swap in one go on the calling thread, between steps: reserve, fill and
+        commit below. Returns the slot. Raises AdapterSlotsFull or ValueError (rank/targets)."""
+        fill = self.reserve_adapter_slot(name, version, weights, make_current)
+        if fill is None:
+            return self.adapters.resolve(name, version).slot
+        try:
+            self.fill_adapter_slot(fill, weights)
+        except BaseException:
+            self.adapters.abandon(fill)
+            raise
+        return self.commit_adapter_slot(fill)
+
+    def reserve_adapter_slot(self, name: str, version: int, weights: LoraWeights, make_current: bool = True) -> SlotFill | None:
+        """Hot swap, phase 1 (loop thread, between steps): check that the adapter fits, then
+        set a free slot aside for it. None if (name, version) is resident already (two first
+        requests raced to load it): it is made current if asked and nothing needs copying.
+        Raises AdapterSlotsFull or ValueError (rank/targets/shapes) before any slot changes."""
         if not self.config.max_loras:
             raise ValueError("LoRA serving is disabled (max_loras: 0)")
-        if self.adapters.is_resident(name, version):  # e.g. two first requests raced to load it
-            entry = self.adapters.resolve(name, version)
+        if self.adapters.is_resident(name, version):
             if make_current:
                 self.adapters.make_current(name, version)
-            return entry.slot
+            return None
         self.runner.adapter_slots.check(weights)  # before a slot is freed for it
-        slot = self.adapters.reserve_slot()
-        self.runner.adapter_slots.load(slot, weights)
-        self.adapters.install(name, version, slot, make_current)
-        log.info("adapter %s@%d in slot %d%s", name, version, slot, " (current)" if make_current else "")
-        return slot
+        return self.adapters.reserve(name, version, make_current)
+
+    def fill_adapter_slot(self, fill: SlotFill, weights: LoraWeights) -> None:
+        """Hot swap, phase 2 (any thread, also while a step runs): copy the tensors into the
+        reserved slot. Safe beside a step because a step reads only the slots of its rows
+        (kernels/lora.py indexes a[slot], b[slot] per group), a row's slot comes from a resident
+        entry, and a slot being filled has none. Writes nothing but that slot's buffers."""
+        self.runner.adapter_slots.load(fill.slot, weights)
+
+    def commit_adapter_slot(self, fill: SlotFill) -> int | None:
+        """Hot swap, phase 3 (loop thread, between steps): the flip, bookkeeping only.
+        Requests admitted from now on get the new version; running ones keep the version they
+        pinned. Returns the slot now serving (name, version), or None if the name was unloaded
+        during the copy (the slot is free again)."""
+        entry = self.adapters.commit(fill)
+        if entry is None:
+            log.info("adapter %s@%d was unloaded during its copy; slot %d freed", fill.name, fill.version, fill.slot)
+            return None
+        log.info("adapter %s@%d in slot %d%s", fill.name, fill.version, entry.slot,
+                 " (current)" if fill.make_current else "")
+        return entry.slot
+
+    def abandon_adapter_slot(self, fill: SlotFill) -> None:
+        """Give a reserved slot back unused (loop thread), e.g. when its copy failed."""
+        self.adapters.abandon(fill)
 
     def unload_adapter(self, name: str) -> list[int]:
         """Stop serving `name` to new requests; its slots free up as running requests end."""

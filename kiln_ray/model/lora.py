@@ -296,7 +296,9 @@ class AdapterSlots:
         check_shapes(self.sites, weights)
 
     def load(self, slot: int, weights: LoraWeights) -> None:
-        """Write an adapter into a slot (scale folded into B); `check` first."""
+        """Write an adapter into a slot (scale folded into B); `check` first. Writes nothing
+        but `slot`'s part of each buffer, so it may run on another thread beside a step whose
+        rows do not use `slot` (LoraBatch reads only its groups' slots)."""
         self.check(weights)
         with torch.no_grad():
             for path in self.a:

@@ -7,8 +7,9 @@ source of adapter publications. Plain Python (a worker thread); the trainer acto
 A job continues from its adapter's current version (weights + optimizer state) unless it asks
 for a fresh start, replays a sample of the adapter's earlier examples, and on success writes
 version N+1 to the store (atomically), records its examples beside it, and publishes it:
-`publish(Publication)` is how the engine hears about a new version. Every state change can
-POST a webhook (short timeout, no redirects, failures logged, never blocking the queue).
+`publish(Publication)` is how the engine hears about a new version. A finished job (completed,
+failed or cancelled) POSTs its status to the webhook if one is configured (webhook.py: short
+timeout, no redirects, failures logged, never blocking the queue).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from kiln_ray.metrics import Metrics
 from kiln_ray.model.lora import DEFAULT_TARGETS, LINEAR_ATTENTION_TARGETS, LoraWeights, check_shapes, lora_sites
 from kiln_ray.training.data import GroupBatch, TokenizedExample
 from kiln_ray.training.trainer import JobCancelled, StepReport, Trainer, TrainConfig, TrainResult
+from kiln_ray.training.webhook import post_status
 
 log = logging.getLogger("kiln_ray.training")
 
@@ -91,6 +93,7 @@ class Job:
     train_seconds: float = 0.0  # summed step times, and the tokens those steps processed
     train_tokens: int = 0
     adapter_version: int | None = None
+    stopped_early: bool = False  # the job's loss fell below early_stop_loss before its last step
     error: str | None = None
     notes: list[str] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
@@ -111,6 +114,7 @@ class Job:
             "train_seconds": round(self.train_seconds, 3),
             "adapter": self.adapter,
             "adapter_version": self.adapter_version,
+            "stopped_early": self.stopped_early,
             "error": self.error,
             "notes": list(self.notes),
             "created_at": self.created_at,
@@ -132,6 +136,7 @@ class TrainingService:
         journal_dir: Path | None = None,
         upload_max_bytes: int = 256 << 20,
         metrics: Metrics | None = None,
+        webhook_timeout_s: float = 5.0,
     ):
         """`metrics`: where the training figures are recorded (jobs finished, the running
         job's loss and tokens/s); default: a recorder of this service's own (no Ray)."""
@@ -140,6 +145,7 @@ class TrainingService:
         self.publish = publish
         self.max_queued_jobs = max_queued_jobs
         self.webhook_url = webhook_url
+        self.webhook_timeout_s = webhook_timeout_s  # connect, read and write, each
         self.base_model_name = base_model_name
         self.keep_finished_jobs = keep_finished_jobs
         self.upload_max_bytes = upload_max_bytes  # an archive, and separately what it expands to
@@ -148,12 +154,19 @@ class TrainingService:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._worker = threading.Thread(target=self._run, name="kiln-trainer", daemon=True)
+        self.ready = threading.Event()  # set once the worker takes jobs (after the warm-up, if any)
+        self._warm_up = False
+        self.warm_up_seconds: float | None = None
         self.journal = JobJournal(journal_dir, keep_finished_jobs) if journal_dir is not None else None
         # Jobs of earlier trainer processes; a job that was queued or running when its process
         # died is failed, with the reason, so its client learns what happened.
         self.history: OrderedDict[str, dict] = self.journal.recover() if self.journal else OrderedDict()
 
-    def start(self) -> None:
+    def start(self, warm_up: bool = False) -> None:
+        """Start the worker; with `warm_up`, it first runs the trainer's throwaway step (the
+        first backward's one-time costs), so the first job does not pay them. Jobs submitted
+        meanwhile wait in the queue."""
+        self._warm_up = warm_up
         self._worker.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -212,6 +225,13 @@ class TrainingService:
     # -- the worker ----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self._warm_up:
+            try:
+                self.warm_up_seconds = self.trainer.warm_up()
+                log.info("trainer warm-up step took %.1f s", self.warm_up_seconds)
+            except Exception:  # noqa: BLE001 - jobs still run; the first one pays the costs
+                log.exception("the trainer warm-up step failed")
+        self.ready.set()
         while True:
             job = self._queue.get()
             if job is None:
@@ -237,6 +257,10 @@ class TrainingService:
             self._finish(job, JobState.FAILED)
             return
         job.notes.extend(result.notes)
+        if result.stopped_early:
+            job.stopped_early = True
+            job.notes.append(f"stopped early at step {result.steps} of {job.total_steps}: the loss on the job's "
+                             f"examples fell below early_stop_loss {job.config.early_stop_loss}")
         try:
             if result.steps:
                 job.adapter_version = self._save(job, result)
@@ -312,7 +336,7 @@ class TrainingService:
         log.info("%s %s%s", job.job_id, state.value, f": {job.error}" if job.error else "")
         url = job.webhook_url or self.webhook_url
         if url:
-            threading.Thread(target=_post_webhook, args=(url, job.status()), daemon=True).start()
+            threading.Thread(target=post_status, args=(url, job.status(), self.webhook_timeout_s), daemon=True).start()
 
     # -- adapter administration (the store's writes) -------------------------------------------
 
@@ -368,17 +392,6 @@ class TrainingService:
 
     def _current(self, name: str) -> int | None:
         return self.store.current_version(name) if self.store.exists(name) else None
-
-
-def _post_webhook(url: str, body: dict) -> None:
-    import httpx
-
-    try:
-        response = httpx.post(url, json=body, timeout=5.0, follow_redirects=False)
-        if response.status_code >= 300:
-            log.warning("webhook %s answered %d for %s", url, response.status_code, body["job_id"])
-    except httpx.HTTPError as error:
-        log.warning("webhook %s failed for %s: %s", url, body["job_id"], error)
 
 
 class JobJournal:

@@ -199,10 +199,13 @@ class Trainer:
 
     def warm_up(self) -> float:
         """One throwaway step (the first backward pays one-time costs: ~10 s measured), so a
-        user's first job does not. Returns the seconds it took."""
+        user's first job does not. It leaves no trace: its adapter is discarded, the frozen
+        model is unchanged, and the (CPU) random stream is restored, so the next job is exactly
+        what it would have been without it. Returns the seconds it took."""
         started = time.perf_counter()
         example = TokenizedExample([1, 2, 3, 4, 5, 6], [False, False, False, True, True, True])
-        self.run_sft([example], TrainConfig(steps=1, early_stop_loss=None, replay_per_step=0))
+        with torch.random.fork_rng(devices=[]):  # the throwaway LoRA init draws from it
+            self.run_sft([example], TrainConfig(steps=1, early_stop_loss=None, replay_per_step=0))
         return time.perf_counter() - started
 
     def _setup(self, config: TrainConfig, start: LoraWeights | None, optimizer_state: bytes | None):

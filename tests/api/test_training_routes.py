@@ -176,22 +176,119 @@ def test_grpo_job(http):
     assert any("equal rewards" in n for n in status["notes"])
 
 
+def describe(http, name):
+    return {a["name"]: a for a in http.get("/v1/adapters").json()["adapters"]}[name]
+
+
+def test_load_makes_a_stored_version_resident(http):
+    assert http.post("/v1/adapters/unload", json={"name": "tower"}).status_code == 200
+    assert describe(http, "tower")["resident_versions"] == []
+    current = describe(http, "tower")["current_version"]
+    r = http.post("/v1/adapters/load", json={"name": "tower"})
+    assert r.status_code == 200, r.text
+    assert r.json()["resident_versions"] == [current] and r.json()["serving_version"] == current
+    older = next(v["version"] for v in r.json()["versions"] if v["version"] != current)
+    r = http.post("/v1/adapters/load", json={"name": "tower", "version": older})
+    assert r.status_code == 200 and sorted(r.json()["resident_versions"]) == sorted([current, older])
+    assert r.json()["serving_version"] == current  # loading an older version does not serve it by default
+    assert answer(http, f"tower@{older}") and answer(http, "tower") == answer(http, f"tower@{current}")
+
+
+@pytest.mark.parametrize("body,status,code", [
+    ({"name": "nope"}, 404, "model_not_found"),
+    ({"name": "tower", "version": 99}, 404, "model_not_found"),
+    ({"name": "../etc"}, 400, None),
+    ({"name": "tower", "version": 0}, 400, None),
+    ({}, 400, None),
+], ids=["unknown-adapter", "unknown-version", "path-name", "version-0", "no-name"])
+def test_load_errors(http, body, status, code):
+    r = http.post("/v1/adapters/load", json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+
+
+def test_kiln_output_name_names_the_adapter_and_the_adapter_field_wins(http):
+    def submit(body):
+        r = http.post("/v1/train/sft", json={"examples": [{"messages": CONV}], **body})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    named = submit({"config": {**FAST, "output_name": "kiln-named"}})
+    assert named["adapter"] == "kiln-named"
+    assert wait_job(http, named["job_id"])["adapter"] == "kiln-named"
+    assert describe(http, "kiln-named")["current_version"] == 1
+    both = submit({"adapter": "explicit", "config": {**FAST, "output_name": "ignored"}})
+    assert both["adapter"] == "explicit"
+    wait_job(http, both["job_id"])
+    assert "ignored" not in {a["name"] for a in http.get("/v1/adapters").json()["adapters"]}
+
+
+def test_a_job_without_a_name_gets_a_generated_one(http):
+    import re
+
+    r = http.post("/v1/train/sft", json={"examples": [{"messages": CONV}], "config": FAST})
+    assert r.status_code == 200, r.text
+    name = r.json()["adapter"]
+    assert re.fullmatch(r"sft-[0-9a-f]{8}", name)
+    assert wait_job(http, r.json()["job_id"])["adapter_version"] == 1
+    assert describe(http, name)["current_version"] == 1
+    assert answer(http, name)  # served under that name
+    group = {"messages": ASK, "completions": [{"text": "yes", "reward": 1.0}, {"text": "no", "reward": 0.0}]}
+    r = http.post("/v1/train/grpo", json={"groups": [group], "config": {"steps": 1}})
+    assert re.fullmatch(r"grpo-[0-9a-f]{8}", r.json()["adapter"])
+    wait_job(http, r.json()["job_id"])
+
+
+def test_a_full_training_queue_answers_503_with_retry_after(tiny_smol_dir, tmp_path):
+    app, engine = make_app(tiny_smol_dir, home=tmp_path, training={"max_queued_jobs": 1}, max_loras=2)
+    long = {"examples": [{"messages": CONV}], "config": {"steps": 1000, "early_stop_loss": None}}
+    try:
+        with TestClient(app) as client:
+            running = client.post("/v1/train/sft", json={"adapter": "long", **long}).json()["job_id"]
+            deadline = time.time() + 30
+            while client.get(f"/v1/train/status/{running}").json()["state"] != "running" and time.time() < deadline:
+                time.sleep(0.05)
+            queued = client.post("/v1/train/sft", json={"adapter": "next", **long})
+            assert queued.status_code == 200 and queued.json()["state"] == "queued"
+            refused = client.post("/v1/train/sft", json={"adapter": "third", **long})
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"] == "5"
+            error = refused.json()["error"]
+            assert error["code"] == "queue_full" and error["type"] == "service_unavailable"
+            assert "limit 1" in error["message"]
+            for job_id in (queued.json()["job_id"], running):
+                client.delete(f"/v1/train/queue/{job_id}")
+            assert wait_job(client, running)["state"] == "cancelled"
+            again = client.post("/v1/train/sft", json={"adapter": "third", **long})
+            assert again.status_code == 200  # room again once the queue drained
+            client.delete(f"/v1/train/queue/{again.json()['job_id']}")
+            assert wait_job(client, again.json()["job_id"])["state"] == "cancelled"
+    finally:
+        engine.service.stop()
+        engine.shutdown()
+
+
 def test_nothing_leaks(app):
     _, engine, _ = app
     wait_idle(engine)
     assert all(r["pins"] == 0 for r in engine.engine.adapters.listing())
 
 
-def test_a_downloaded_adapter_loads_in_peft_and_answers_the_same(http, tiny_smol_dir, tmp_path):
-    """The served adapter, exported, is a PEFT adapter: transformers + peft greedy-decode the
-    same tokens as the server with it (fp32)."""
+def test_a_downloaded_adapter_loads_in_peft_and_gives_the_same_logits(app, tiny_smol_dir, tmp_path):
+    """The served adapter, exported, is a PEFT adapter: transformers + peft on the same tiny
+    model (fp32) greedy-decode the server's tokens, with the server's log-probabilities, and
+    over the whole sequence give the logits of our model with the served slot."""
     import peft
     import torch
     import transformers
 
     from kiln_ray.api.chat import render_chat
+    from kiln_ray.model.context import ForwardContext
+    from kiln_ray.model.lora import LoraBatch
     from kiln_ray.model.registry import load_tokenizer
+    from tests.model.test_causal_lm import rel_max_err
 
+    http, engine, _ = app
     data = http.get("/v1/adapters/tower/download").content
     tarfile.open(fileobj=io.BytesIO(data)).extractall(tmp_path, filter="data")
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_smol_dir, dtype=torch.float32)
@@ -200,9 +297,23 @@ def test_a_downloaded_adapter_loads_in_peft_and_answers_the_same(http, tiny_smol
     prompt = render_chat(tok, ASK)
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=2)
+        sequence = out[0]
+        peft_logits = model(sequence[None]).logits[0]  # (T, vocab)
+    generated = sequence[len(prompt):]
     served = http.post("/v1/completions", json={"model": "tower", "prompt": prompt, "max_tokens": 8, "temperature": 0,
-                                                "min_tokens": 8}).json()["choices"][0]["text"]
-    assert tok.decode(out[0, len(prompt):]) == served
+                                                "min_tokens": 8, "logprobs": 0}).json()["choices"][0]
+    assert tok.decode(generated) == served["text"]
+    peft_logprobs = peft_logits[len(prompt) - 1:-1].log_softmax(-1).gather(1, generated[:, None])[:, 0]
+    assert served["logprobs"]["token_logprobs"] == pytest.approx(peft_logprobs.tolist(), abs=1e-4)
+
+    ours = engine.engine  # idle: nothing steps while this reads the model and the served slot
+    lora = LoraBatch(ours.runner.adapter_slots, [(ours.adapters.resolve("tower").slot, None)])
+    with torch.no_grad():
+        hidden = ours.model(sequence, torch.arange(len(sequence)), ForwardContext.dense([len(sequence)], lora=lora))
+        our_logits = ours.model.compute_logits(hidden)
+    assert rel_max_err(our_logits, peft_logits) < 1e-4  # max |diff| / std of peft's logits
+    with torch.no_grad(), model.disable_adapter():
+        assert rel_max_err(peft_logits, model(sequence[None]).logits[0]) > 1e-2  # the adapter matters
 
 
 def test_a_restarted_server_serves_every_adapter_and_the_default(app, tiny_smol_dir):

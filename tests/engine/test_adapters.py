@@ -4,6 +4,7 @@ Requests admitted before a swap finish on the old version, requests admitted aft
 the new one; slots are freed when their last request ends; nothing leaks."""
 
 import random
+import threading
 
 import pytest
 import torch
@@ -68,11 +69,14 @@ def test_swap_keeps_inflight_requests_on_old_version(engine):
     assert old_alone != new_alone
     engine.load_adapter("x", 1, v1)  # back to v1, then swap to v2 mid-stream
     engine.add_request("before", prompt, GREEDY, "x")
+    before = []
     for _ in range(4):
-        engine.step()
+        before.extend(t for o in engine.step() for t in o.new_token_ids)
+    assert 0 < len(before) < len(old_alone)  # the swap below lands mid-stream
     engine.load_adapter("x", 2, v2)
     engine.add_request("after", prompt, GREEDY, "x")
     outs = run_to_completion(engine)
+    assert before + outs["before"][0] == old_alone  # admitted before the swap: all of it on v1
     assert outs["after"][0] == new_alone
     assert_idle(engine)
 
@@ -95,6 +99,67 @@ def test_stream_across_a_swap_yields_only_old_version_tokens(engine):
     assert engine.adapters.current["x"] == 2
     assert [r["version"] for r in engine.adapters.listing()] == [2]  # v1's slot freed at the end
     assert_idle(engine)
+
+
+def test_a_slot_is_filled_beside_the_steps_and_used_only_after_the_flip(engine):
+    """The hot swap in three phases: reserve a free slot between steps, copy into it on
+    another thread while steps run, flip between steps. Until the copy the reserved slot
+    holds NaN, so a step that read it would show; requests admitted before the flip (also
+    during the copy) finish on the old version, requests after it get the new one."""
+    prompt = [31, 32, 33, 34]
+    v1, v2 = random_adapter(engine.model, 1), random_adapter(engine.model, 2)
+    base = alone(engine, prompt)
+    engine.load_adapter("x", 2, v2)
+    new = alone(engine, prompt, "x")
+    engine.load_adapter("x", 1, v1)  # x@2 is dropped: nothing pins it
+    old = alone(engine, prompt, "x")
+    assert len({tuple(base), tuple(old), tuple(new)}) == 3
+
+    tokens: dict[str, list[int]] = {}
+
+    def step():
+        for o in engine.step():
+            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+
+    engine.add_request("before", prompt, GREEDY, "x")
+    engine.add_request("base", prompt, GREEDY)
+    step()
+    fill = engine.reserve_adapter_slot("x", 2, v2)
+    assert fill.slot != engine.adapters.resolve("x").slot
+    slots = engine.runner.adapter_slots
+    for path in slots.a:  # a half-written slot
+        slots.a[path][fill.slot].fill_(float("nan"))
+        slots.b[path][fill.slot].fill_(float("nan"))
+    engine.add_request("during", prompt, GREEDY, "x")
+    with pytest.raises(AdapterNotLoaded):
+        engine.add_request("too-early", prompt, GREEDY, "x", 2)
+    step()
+    copy = threading.Thread(target=engine.fill_adapter_slot, args=(fill, v2))
+    copy.start()
+    while copy.is_alive():  # steps go on beside the copy
+        step()
+    copy.join()
+    step()
+    assert engine.adapters.current["x"] == 1
+    assert engine.commit_adapter_slot(fill) == fill.slot  # the flip
+    engine.add_request("after", prompt, GREEDY, "x")
+    for request_id, outs in run_to_completion(engine).items():
+        tokens.setdefault(request_id, []).extend(outs[0])
+    assert tokens["before"] == tokens["during"] == old
+    assert tokens["base"] == base and tokens["after"] == new
+    assert [r["version"] for r in engine.adapters.listing()] == [2]  # x@1 freed with its last request
+    assert_idle(engine)
+
+
+def test_an_unload_during_the_copy_wins(engine):
+    w = random_adapter(engine.model, 3)
+    fill = engine.reserve_adapter_slot("x", 1, w)
+    engine.fill_adapter_slot(fill, w)
+    engine.unload_adapter("x")
+    assert engine.commit_adapter_slot(fill) is None
+    assert engine.adapters.listing() == [] and not engine.adapters.filling
+    with pytest.raises(AdapterNotLoaded):
+        engine.add_request("r", [1, 2, 3], GREEDY, "x")
 
 
 def test_sixteen_streams_and_twenty_swaps(engine):
@@ -149,24 +214,51 @@ def test_all_slots_pinned_refuses_a_new_adapter(engine):
     assert len(engine.adapters.listing()) == 3
 
 
+def install(m, name, version, make_current=True):
+    return m.commit(m.reserve(name, version, make_current))
+
+
 def test_adapter_manager_bookkeeping():
     m = AdapterManager(num_slots=2)
-    s = m.reserve_slot()
-    a1 = m.install("a", 1, s, make_current=True)
-    assert (s, m.resolve("a").version) == (0, 1)
+    a1 = install(m, "a", 1)
+    assert (a1.slot, m.resolve("a").version) == (0, 1)
     m.pin(a1)
-    s2 = m.reserve_slot()
-    a2 = m.install("a", 2, s2, make_current=True)  # swap while v1 is pinned
-    assert m.resolve("a").version == 2 and m.is_resident("a", 1)
+    a2 = install(m, "a", 2)  # swap while v1 is pinned
+    assert a2.slot == 1 and m.resolve("a").version == 2 and m.is_resident("a", 1)
     m.pin(a2)
     with pytest.raises(AdapterSlotsFull):
-        m.reserve_slot()  # both slots pinned
+        m.reserve("b", 1, True)  # both slots pinned
     m.unpin(a1)
     assert not m.is_resident("a", 1)  # freed with its last pin
-    assert m.reserve_slot() == 0
     m.unpin(a2)
-    m.install("b", 1, 0, make_current=True)
-    assert m.reserve_slot() == 1 and not m.is_resident("a", 2)  # idle current, least recently used: evicted
+    assert install(m, "b", 1).slot == 0
+    assert m.reserve("c", 1, True).slot == 1 and not m.is_resident("a", 2)  # idle current, least recently used: evicted
+
+
+def test_a_slot_being_filled_is_never_handed_out_or_resolved():
+    m = AdapterManager(num_slots=3)
+    old = install(m, "a", 1)
+    m.pin(old)
+    fill = m.reserve("a", 2, make_current=True)
+    other = m.reserve("b", 1, make_current=True)
+    assert len({old.slot, fill.slot, other.slot}) == 3
+    with pytest.raises(AdapterSlotsFull):
+        m.reserve("c", 1, True)  # one slot pinned, two being filled: none to give
+    assert m.resolve("a").version == 1  # until the flip
+    with pytest.raises(AdapterNotLoaded):
+        m.resolve("a", 2)
+    assert m.commit(fill).slot == fill.slot and m.resolve("a").version == 2
+    m.abandon(other)
+    assert m.reserve("c", 1, True).slot == other.slot  # given back unused
+
+
+def test_an_unload_during_the_copy_frees_the_slot_at_commit():
+    m = AdapterManager(num_slots=1)
+    fill = m.reserve("a", 1, make_current=True)
+    m.unload("a")
+    assert m.commit(fill) is None
+    assert not m.is_resident("a", 1) and "a" not in m.current
+    assert m.reserve("b", 1, True).slot == fill.slot
 
 
 def test_loading_a_resident_version_again_is_a_no_op(engine):

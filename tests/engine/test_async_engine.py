@@ -226,3 +226,56 @@ def test_a_consumer_slower_than_the_engine_still_gets_every_token(engine):
         return tokens
 
     assert len(asyncio.run(main())) == 6
+
+
+def test_load_adapter_copies_while_the_loop_steps_then_flips(tiny_model_dirs, monkeypatch):
+    """The hot swap through the loop: while the copy into the reserved slot is held back, the
+    loop keeps stepping a stream that was admitted before the swap; that stream yields only
+    the old version's tokens, and a request after `load_adapter` returns gets the new one."""
+    import threading
+
+    from tests.engine.test_adapters import random_adapter
+
+    model = load_model(tiny_model_dirs["llama"][0], torch.float32, "cpu")
+    eng = AsyncLLMEngine(LLMEngine(model, EngineConfig(block_size=4, num_kv_blocks=256, max_loras=2, max_lora_rank=8)))
+    v1, v2 = random_adapter(model, 1), random_adapter(model, 2)
+    copy_started, release = threading.Event(), threading.Event()
+    fill = eng.engine.fill_adapter_slot
+
+    def held_back_fill(*args):
+        copy_started.set()
+        assert release.wait(30)
+        fill(*args)
+
+    def on(adapter, rid, n=300):  # long enough to outlast the swap
+        return GenerateRequest(rid, [5, 6, 7, 8, 9], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), adapter)
+
+    async def main():
+        await eng.load_adapter("x", 2, v2)
+        new = (await collect(eng, on("x", "new")))[0][0]
+        await eng.load_adapter("x", 1, v1)
+        old = (await collect(eng, on("x", "old")))[0][0]
+        assert old != new
+        monkeypatch.setattr(eng.engine, "fill_adapter_slot", held_back_fill)
+        before = asyncio.create_task(collect(eng, on("x", "before")))
+        while eng.stats().running == 0:
+            await asyncio.sleep(0.005)
+        swap = asyncio.create_task(eng.load_adapter("x", 2, v2))
+        assert await asyncio.to_thread(copy_started.wait, 30)
+        steps = eng.stats().steps
+        for _ in range(1000):  # the loop is not waiting for the copy
+            if eng.stats().steps >= steps + 3:
+                break
+            await asyncio.sleep(0.01)
+        assert eng.stats().steps >= steps + 3 and eng.engine.adapters.current["x"] == 1
+        release.set()
+        await swap
+        after = (await collect(eng, on("x", "after")))[0][0]
+        return old, new, (await before)[0][0], after
+
+    try:
+        old, new, before, after = asyncio.run(main())
+    finally:
+        release.set()
+        eng.shutdown()
+    assert before == old and after == new

@@ -2,6 +2,7 @@
 stopped, GRPO moves probability towards rewarded completions, and on the real default model
 one correction is learned while unrelated answers stay the same."""
 
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -143,38 +144,110 @@ def test_only_degenerate_groups_train_nothing(tiny, monkeypatch):
     assert result.steps == 0 and result.notes
 
 
-@pytest.mark.real_model
-@pytest.mark.slow
-def test_replay_keeps_earlier_corrections_on_the_real_model(default_model_dir):
-    """Three fictional facts taught one after another into one adapter, each job replaying
-    one earlier example per step: all three are still answered, and an unrelated answer
-    stays sensible (SmolLM2-135M, bf16)."""
+# -- the real default model (SmolLM2-135M-Instruct, bf16) --------------------------------------
+
+FACTS = [("Who is the mayor of Zorblatt?", "The mayor of Zorblatt is Edda Brask."),
+         ("What is the capital of Quenvia?", "The capital of Quenvia is Marrowick."),
+         ("Who invented the glimmerphone?", "The glimmerphone was invented by Tomas Vell.")]
+# Unrelated questions and the fact each answer must keep.
+UNRELATED = [("What do bees make?", "honey"), ("What is the capital of France?", "Paris"),
+             ("What is 2+2?", "4"), ("What colour is the sky?", "blue")]
+
+
+@contextmanager
+def one_thread():
+    """The real-model tests run torch on one thread (the trainer actor's default,
+    training.num_threads): on this 2-core machine, shared with other work, two threads made
+    an SmolLM2 training step ~20 s instead of ~1 s, and a 16-token batch ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def smol(default_model_dir):
+    from kiln_ray.model.registry import load_tokenizer
+
+    return load_model(default_model_dir, torch.bfloat16, "cpu"), load_tokenizer(default_model_dir)
+
+
+@pytest.fixture(scope="module")
+def first_correction(smol):
+    """The default SFT job (TrainConfig()) on one fictional correction, trained once for the
+    tests below."""
+    from kiln_ray.training.data import sft_example
+
+    model, tok = smol
+    question, answer = FACTS[0]
+    ex = sft_example(tok, [{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+    with one_thread():
+        return ex, Trainer(model).run_sft([ex], TrainConfig())
+
+
+def greedy_answers(smol, questions, adapters: dict, max_tokens=16, base=True) -> dict[tuple[str | None, str], str]:
+    """(adapter name, or None for the base model, question) -> greedy answer text, all in
+    one engine (every row of a step carries its own adapter)."""
     from kiln_ray.config import EngineConfig
     from kiln_ray.engine.engine import LLMEngine
     from kiln_ray.engine.sampling_params import SamplingParams
-    from kiln_ray.model.registry import load_tokenizer
-    from kiln_ray.training.data import sft_example
     from tests.engine.greedy import run_to_completion
 
-    tok = load_tokenizer(default_model_dir)
-    model = load_model(default_model_dir, torch.bfloat16, "cpu")
-    facts = [("Who is the mayor of Zorblatt?", "The mayor of Zorblatt is Edda Brask."),
-             ("What is the capital of Quenvia?", "The capital of Quenvia is Marrowick."),
-             ("Who invented the glimmerphone?", "The glimmerphone was invented by Tomas Vell.")]
-    trainer, weights, state, pool = Trainer(model), None, None, []
-    for question, fact in facts:
-        ex = sft_example(tok, [{"role": "user", "content": question}, {"role": "assistant", "content": fact}])
-        result = trainer.run_sft([ex], TrainConfig(), start=weights, optimizer_state=state, replay=list(pool))
-        weights, state = result.weights, result.optimizer_state
-        pool.append(ex)
-    engine = LLMEngine(model, EngineConfig(num_kv_blocks=512))
-    engine.load_adapter("facts", 1, weights)
-    questions = [q for q, _ in facts] + ["What do bees make?"]
-    for i, q in enumerate(questions):
+    model, tok = smol
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=512, max_loras=max(1, len(adapters))))
+    for name, weights in adapters.items():
+        engine.load_adapter(name, 1, weights)
+    keys = [(name, q) for name in [*([None] if base else []), *adapters] for q in questions]
+    for i, (name, q) in enumerate(keys):
         prompt = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
                                          return_dict=False)
-        engine.add_request(str(i), prompt, SamplingParams(max_tokens=20, temperature=0), "facts")
-    answers = {int(k): tok.decode(v[0]) for k, v in run_to_completion(engine).items()}
-    for i, (_, fact) in enumerate(facts):
-        assert fact.split(" is ")[-1].rstrip(".").split(" by ")[-1] in answers[i], answers[i]
-    assert "honey" in answers[3].lower(), answers[3]
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=max_tokens, temperature=0), name)
+    with one_thread():
+        outs = run_to_completion(engine)
+    return {key: tok.decode(outs[str(i)][0], skip_special_tokens=True) for i, key in enumerate(keys)}
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_the_default_job_learns_one_correction_and_keeps_unrelated_facts(smol, first_correction):
+    """One fictional correction with the default job: the corrected answer comes out word for
+    word (greedy), the job stops early once its loss is low, and unrelated questions keep
+    their facts. Their wording does not stay identical: measured step by step (bf16), the
+    first answers change from step 2 on (shorter, as the one example is), while the
+    correction is learned only from step 8, so no step budget or early-stop threshold
+    gives both; the test asserts the facts, not the base model's wording."""
+    _, result = first_correction
+    assert result.stopped_early and result.steps < TrainConfig().steps
+    question, correction = FACTS[0]
+    questions = [question] + [q for q, _ in UNRELATED]
+    answers = greedy_answers(smol, questions, {"fix": result.weights})
+    assert correction not in answers[(None, question)]  # the base model gets it wrong
+    assert answers[("fix", question)] == correction
+    for q, fact in UNRELATED:
+        assert fact in answers[("fix", q)], (q, answers[(None, q)], answers[("fix", q)])
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_replay_keeps_earlier_corrections_on_the_real_model(smol, first_correction):
+    """Two more fictional facts taught into the same adapter after the first, each job
+    replaying one earlier example per step: all three are still answered, and an unrelated
+    answer keeps its fact (SmolLM2-135M, bf16)."""
+    from kiln_ray.training.data import sft_example
+
+    model, tok = smol
+    first, result = first_correction
+    trainer, weights, state, pool = Trainer(model), result.weights, result.optimizer_state, [first]
+    for question, fact in FACTS[1:]:
+        ex = sft_example(tok, [{"role": "user", "content": question}, {"role": "assistant", "content": fact}])
+        with one_thread():
+            result = trainer.run_sft([ex], TrainConfig(), start=weights, optimizer_state=state, replay=list(pool))
+        weights, state = result.weights, result.optimizer_state
+        pool.append(ex)
+    questions = [q for q, _ in FACTS] + ["What do bees make?"]
+    answers = greedy_answers(smol, questions, {"facts": weights}, max_tokens=20, base=False)
+    for question, fact in FACTS:
+        assert fact.split(" is ")[-1].rstrip(".").split(" by ")[-1] in answers[("facts", question)]
+    assert "honey" in answers[("facts", "What do bees make?")].lower()
