@@ -1,15 +1,72 @@
-"""Dense projections: F.linear (the reference) and oneDNN's prepacked bf16 matmul on CPU.
+"""Dense projections: F.linear (the reference, and the only path under autograd) and two fast
+bf16 paths on CPU, one of which a process uses, decided once by what its CPU has:
 
-On CPU, `torch.ops.mkldnn._linear_pointwise` with a weight reordered once into oneDNN's
-blocked layout runs the bf16 projections of a small model ~1.3-2x faster than F.linear at
-1-64 rows (bench/RESULTS.md). The packed copy is opaque, has no autograd, and costs the
-weight's size again, so it is used only under no-grad and only when asked for.
+- AMX (Intel Sapphire Rapids and later): `amx_linear`, a C kernel (csrc/amx_linear.c) that
+  reads the weight in its plain layout. The weights stay the single copy the engine shares
+  with the trainer; nothing is packed.
+- otherwise, oneDNN: `torch.ops.mkldnn._linear_pointwise` with a weight reordered once into
+  oneDNN's blocked layout runs the bf16 projections of a small model ~1.3-2x faster than
+  F.linear at 1-64 rows (bench/RESULTS.md). The packed copy is opaque, has no autograd and
+  costs the weight's size again, so it is made only when asked for (`pack_weight`), and never
+  on an AMX CPU (`prepack_wanted`).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+from kernels import cpu_ext
+
+_AMX_ARGS = (cpu_ext.P, cpu_ext.I64, cpu_ext.P, cpu_ext.I64, cpu_ext.P, cpu_ext.P) + (cpu_ext.I64,) * 3 + (cpu_ext.INT,)
+
+
+@functools.cache
+def _amx_kernel():
+    """The C kernel, or None when it cannot be built or this process may not use AMX (the CPU
+    lacks it, or Linux refused the tile state). Asked once per process."""
+    init = cpu_ext.function("amx_linear", "amx_linear_init", (), cpu_ext.INT)
+    if init is None or init() != 0:
+        return None
+    return cpu_ext.function("amx_linear", "amx_linear", _AMX_ARGS, cpu_ext.INT)
+
+
+def amx_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether projections of `dtype` on `device` run on the AMX kernel (CPU, bf16, AMX here)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and _amx_kernel() is not None
+
+
+def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """F.linear(x, weight, bias) for x (..., in), weight (out, in), bias (out,) bf16 on CPU
+    through the AMX kernel, reading `weight` where it lies (its rows may be strided). None when
+    the kernel does not take these inputs (no AMX, another dtype or device, in < 32 and odd);
+    the caller then takes another path. No autograd: call it only under no-grad."""
+    fn = _amx_kernel()
+    bf16 = torch.bfloat16
+    if (
+        fn is None
+        or x.dtype != bf16
+        or weight.dtype != bf16
+        or x.device.type != "cpu"
+        or weight.device.type != "cpu"
+        or weight.dim() != 2
+        or weight.stride(1) != 1
+        or x.shape[-1] != weight.shape[1]
+        or (bias is not None and (bias.dtype != bf16 or bias.device.type != "cpu" or bias.shape != weight.shape[:1]))
+    ):
+        return None
+    out_features, in_features = weight.shape
+    rows = x.reshape(-1, in_features)
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    out = torch.empty(rows.shape[0], out_features, dtype=bf16)
+    rc = fn(rows.data_ptr(), rows.stride(0), weight.data_ptr(), weight.stride(0), cpu_ext.ptr(bias), out.data_ptr(),
+            rows.shape[0], in_features, out_features, torch.get_num_threads())
+    return out.view(*x.shape[:-1], out_features) if rc == 0 else None
 
 
 def prepack_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -20,6 +77,12 @@ def prepack_available(device: torch.device, dtype: torch.dtype) -> bool:
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
+
+
+def prepack_wanted(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether packing the weights would make projections faster here: where oneDNN packs and
+    the AMX kernel (just as fast on the weights in place) is not available."""
+    return prepack_available(device, dtype) and not amx_available(device, dtype)
 
 
 def pack_weight(weight: torch.Tensor, batch_size_hint: int = 128) -> torch.Tensor:
@@ -33,7 +96,12 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
-    """The packed path when a packed weight exists and no gradient is wanted, else F.linear."""
-    if packed is not None and not torch.is_grad_enabled():
-        return packed_linear(x, packed, bias)
+    """F.linear(x, weight, bias). Without gradients: from the packed copy when there is one,
+    else through the AMX kernel when it takes these inputs; with gradients: F.linear."""
+    if not torch.is_grad_enabled():
+        if packed is not None:
+            return packed_linear(x, packed, bias)
+        out = amx_linear(x, weight, bias)
+        if out is not None:
+            return out
     return F.linear(x, weight, bias)
