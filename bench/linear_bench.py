@@ -10,8 +10,9 @@ settings:
 - streaming: each call takes the next of 30 distinct copies of the weight (one per layer), so
   weights come from L3 / DRAM as they do in the model, where 30 layers are 270 MB.
 
-The paths run interleaved, `--rounds` times, so the drift of a shared machine hits them all;
-each cell is the median microseconds per call over every round's calls.
+The paths run interleaved in bursts of a few milliseconds (`--rounds` x `--budget` seconds per
+path), so the drift of a shared machine hits them all alike; each cell is the median
+microseconds of one call.
 """
 
 from __future__ import annotations
@@ -40,20 +41,19 @@ SHAPES = {
 LAYERS = 30
 
 
-def time_path(call, weights, x, reps: int) -> list[float]:
-    """Microseconds per call: `reps` passes over `weights`, one call per weight."""
-    for w in weights[:3]:
-        call(x, w)
+def time_burst(call, weights, x, calls: int, clock) -> list[float]:
+    """Microseconds of each of `calls` calls, cycling through `weights` (the first, which warms
+    up what a burst needs, is not counted)."""
     out = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for w in weights:
-            call(x, w)
-        out.append((time.perf_counter() - start) * 1e6 / len(weights))
-    return out
+    for c in range(calls + 1):
+        w = weights[c % len(weights)]
+        start = clock()
+        call(x, w)
+        out.append((clock() - start) * 1e6)
+    return out[1:]
 
 
-def bench_shape(n: int, k: int, tokens: int, copies: int, rounds: int, budget_s: float) -> dict[str, float]:
+def bench_shape(n: int, k: int, tokens: int, copies: int, rounds: int, budget_s: float, clock) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     plain = [(torch.randn(n, k, generator=g) * 0.05).bfloat16() for _ in range(copies)]
     packed = [pack_weight(w) for w in plain]
@@ -63,15 +63,18 @@ def bench_shape(n: int, k: int, tokens: int, copies: int, rounds: int, budget_s:
         "oneDNN packed": (lambda x, w: packed_linear(x, w, None), packed),
         "AMX plain": (lambda x, w: amx_linear(x, w, None), plain),
     }
-    # reps so that one round of one path takes about budget_s
     start = time.perf_counter()
-    F.linear(x, plain[0])
-    per_call = max(time.perf_counter() - start, 1e-6)
-    reps = max(3, int(budget_s / (per_call * copies)))
+    packed_linear(x, packed[0], None)
+    per_call = max(time.perf_counter() - start, 1e-5)
+    # bursts of a few ms, so that the paths interleave finely on a drifting machine
+    calls = max(copies, min(200, int(0.005 / per_call)))
+    bursts = max(1, int(budget_s / (per_call * calls)))
     samples: dict[str, list[float]] = {name: [] for name in paths}
-    for _ in range(rounds):
-        for name, (call, weights) in paths.items():
-            samples[name] += time_path(call, weights, x, reps)
+    names = list(paths)
+    for r in range(rounds * bursts):
+        for name in names[r % 3:] + names[: r % 3]:  # rotate who goes first
+            call, weights = paths[name]
+            samples[name] += time_burst(call, weights, x, calls, clock)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -81,13 +84,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 64, 512])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--budget", type=float, default=0.3, help="seconds per path per round")
+    ap.add_argument("--budget", type=float, default=0.2, help="seconds per path per round")
     ap.add_argument("--settings", nargs="+", default=["hot", "streaming"], choices=["hot", "streaming"])
+    ap.add_argument(
+        "--clock", default="wall", choices=["wall", "cpu"],
+        help="cpu: the calling thread's CPU time, immune to other tenants' preemption (use with --threads 1)",
+    )
     args = ap.parse_args()
     if not amx_available(torch.device("cpu"), torch.bfloat16):
         sys.exit("the AMX kernel is not available on this machine")
     torch.set_num_threads(args.threads)
-    print(f"threads {args.threads}, rounds {args.rounds}; median us per call (x: vs oneDNN packed)")
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    print(f"threads {args.threads}, rounds {args.rounds}, {args.clock} clock; median us per call (x: oneDNN / AMX)")
     with torch.no_grad():
         for setting in args.settings:
             print(f"\n## {setting}")
@@ -97,7 +105,7 @@ def main() -> None:
                 # the head is one matrix in the model: "streaming" it is 56 MB from DRAM already
                 copies = 1 if setting == "hot" or name == "head" else LAYERS
                 for tokens in args.tokens:
-                    r = bench_shape(n, k, tokens, copies, args.rounds, args.budget)
+                    r = bench_shape(n, k, tokens, copies, args.rounds, args.budget, clock)
                     f, p, a = r["F.linear"], r["oneDNN packed"], r["AMX plain"]
                     print(f"{name:>8} {n:>6} {k:>5} {tokens:>4} | {f:9.1f} {p:9.1f} {a:9.1f} | {p / a:6.2f}", flush=True)
 

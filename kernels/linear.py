@@ -42,31 +42,32 @@ def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     """F.linear(x, weight, bias) for x (..., in), weight (out, in), bias (out,) bf16 on CPU
     through the AMX kernel, reading `weight` where it lies (its rows may be strided). None when
     the kernel does not take these inputs (no AMX, another dtype or device, in < 32 and odd);
-    the caller then takes another path. No autograd: call it only under no-grad."""
+    the caller then takes another path. No autograd: call it only under no-grad.
+    (Decode calls this ~120 times a token: the checks are the cheap attributes.)"""
     fn = _amx_kernel()
     bf16 = torch.bfloat16
-    if (
-        fn is None
-        or x.dtype != bf16
-        or weight.dtype != bf16
-        or x.device.type != "cpu"
-        or weight.device.type != "cpu"
-        or weight.dim() != 2
-        or weight.stride(1) != 1
-        or x.shape[-1] != weight.shape[1]
-        or (bias is not None and (bias.dtype != bf16 or bias.device.type != "cpu" or bias.shape != weight.shape[:1]))
-    ):
+    if fn is None or x.dtype != bf16 or weight.dtype != bf16 or not x.is_cpu or not weight.is_cpu or weight.ndim != 2:
         return None
     out_features, in_features = weight.shape
-    rows = x.reshape(-1, in_features)
-    if rows.stride(1) != 1:
-        rows = rows.contiguous()
+    w_stride = weight.stride()
+    if w_stride[1] != 1 or x.shape[-1] != in_features:
+        return None
     if bias is not None:
+        if bias.dtype != bf16 or not bias.is_cpu or bias.shape != (out_features,):
+            return None
         bias = bias.contiguous()
-    out = torch.empty(rows.shape[0], out_features, dtype=bf16)
-    rc = fn(rows.data_ptr(), rows.stride(0), weight.data_ptr(), weight.stride(0), cpu_ext.ptr(bias), out.data_ptr(),
-            rows.shape[0], in_features, out_features, torch.get_num_threads())
-    return out.view(*x.shape[:-1], out_features) if rc == 0 else None
+    rows = x if x.ndim == 2 else x.reshape(-1, in_features)
+    x_stride = rows.stride()
+    if x_stride[1] != 1:
+        rows = rows.contiguous()
+        x_stride = rows.stride()
+    tokens = rows.shape[0]
+    out = torch.empty((tokens, out_features), dtype=bf16)
+    rc = fn(rows.data_ptr(), x_stride[0], weight.data_ptr(), w_stride[0], None if bias is None else bias.data_ptr(),
+            out.data_ptr(), tokens, in_features, out_features, torch.get_num_threads())
+    if rc != 0:
+        return None
+    return out if x.ndim == 2 else out.view(*x.shape[:-1], out_features)
 
 
 def prepack_available(device: torch.device, dtype: torch.dtype) -> bool:

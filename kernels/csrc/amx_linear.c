@@ -139,30 +139,87 @@ static void pack_tile(const Plan *p, const uint16_t *x, int64_t ldx, int64_t j, 
     for (int q = 0; q < p->kc / 2; q++) _mm512_mask_storeu_ps(dst + q * 4 * p->tc, cols, r[q]);
 }
 
-/* One C tile (row tile i, token tile j), stored at cbuf with a 64-byte row stride -> y. */
-static void write_tile(const Plan *p, const float *cbuf, int64_t i, int64_t j) {
+/* 16 x 16 transposes of 16-bit words, one in each 256-bit half: in[m] = [a_m | b_m] (16 words
+   each) -> out[t] = [a_0[t] .. a_15[t] | b_0[t] .. b_15[t]]. An 8 x 8 transpose within each
+   128-bit lane (three unpack stages over in[0..7] and in[8..15]), then the lanes regrouped. */
+ALWAYS void transpose_words(__m512i in[16], __m512i out[16]) {
+    __m512i d[2][8];
+    for (int g = 0; g < 2; g++) {
+        const __m512i *a = in + 8 * g;
+        __m512i b[8], c[8];
+        for (int q = 0; q < 4; q++) {
+            b[2 * q] = _mm512_unpacklo_epi16(a[2 * q], a[2 * q + 1]);
+            b[2 * q + 1] = _mm512_unpackhi_epi16(a[2 * q], a[2 * q + 1]);
+        }
+        for (int h = 0; h < 8; h += 4) {
+            c[h] = _mm512_unpacklo_epi32(b[h], b[h + 2]);
+            c[h + 1] = _mm512_unpackhi_epi32(b[h], b[h + 2]);
+            c[h + 2] = _mm512_unpacklo_epi32(b[h + 1], b[h + 3]);
+            c[h + 3] = _mm512_unpackhi_epi32(b[h + 1], b[h + 3]);
+        }
+        for (int q = 0; q < 4; q++) { /* d[g][r]: word r of every lane of a_0..a_7 */
+            d[g][2 * q] = _mm512_unpacklo_epi64(c[q], c[q + 4]);
+            d[g][2 * q + 1] = _mm512_unpackhi_epi64(c[q], c[q + 4]);
+        }
+    }
+    const __m512i first = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0), second = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
+    for (int r = 0; r < 8; r++) {
+        out[r] = _mm512_permutex2var_epi64(d[0][r], first, d[1][r]);
+        out[8 + r] = _mm512_permutex2var_epi64(d[0][r], second, d[1][r]);
+    }
+}
+
+ALWAYS float bf16_to_f32(uint16_t v) {
+    const uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Row m of an accumulator (16 tokens, + the bias of its feature). */
+ALWAYS __m512 acc_row(const Plan *p, const float *c, int64_t r0, int m) {
+    if (!c || m >= p->rows) return _mm512_setzero_ps();
+    const __m512 v = _mm512_load_ps(c + 16 * m);
+    return p->bias ? _mm512_add_ps(v, _mm512_set1_ps(bf16_to_f32(p->bias[r0 + m]))) : v;
+}
+
+/* Accumulators of row tiles i (lo) and i + 1 (hi, or NULL), token tile j, each stored with a
+   64-byte row stride -> y: 32 features of a token are one 64-byte store. */
+static void write_tiles(const Plan *p, const float *lo, const float *hi, int64_t i, int64_t j) {
     const int64_t r0 = row_start(p, i);
-    const __mmask16 all = (__mmask16)low_bits(p->rows);
-    const __mmask16 fresh = all & (__mmask16)~low_bits((int)(16 * i - r0)); /* skip overlapped rows */
-    __m512 bias = _mm512_setzero_ps();
-    if (p->bias)
-        bias = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(all, p->bias + r0)), 16));
+    if (hi && row_start(p, i + 1) != r0 + 16) { /* hi is the overlapped last tile: apart */
+        write_tiles(p, lo, NULL, i, j);
+        write_tiles(p, hi, NULL, i + 1, j);
+        return;
+    }
+    const uint32_t rows = low_bits(p->rows);
+    const __mmask32 fresh = (rows & ~low_bits((int)(16 * i - r0))) | (hi ? rows << 16 : 0); /* skip overlapped rows */
     const int nt = (int)min64(16, p->T - 16 * j);
     uint16_t *y = p->y + 16 * j * p->N + r0;
     if (nt >= 4) {
-        __m512 r[16];
-        for (int m = 0; m < 16; m++) r[m] = m < p->rows ? _mm512_loadu_ps(cbuf + 16 * m) : _mm512_setzero_ps();
-        transpose16(r); /* r[t] = token t's features */
-        for (int t = 0; t < nt; t++)
-            _mm256_mask_storeu_epi16(y + t * p->N, fresh, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(r[t], bias)));
-    } else {
-        const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                _mm512_set1_epi32(16));
-        for (int t = 0; t < nt; t++) {
-            const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), all, _mm512_add_epi32(rows, _mm512_set1_epi32(t)),
-                                                      cbuf, 4);
-            _mm256_mask_storeu_epi16(y + t * p->N, fresh, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(v, bias)));
-        }
+        __m512i in[16], out[16];
+        for (int m = 0; m < 16; m++)
+            in[m] = (__m512i)_mm512_cvtne2ps_pbh(acc_row(p, hi, r0 + 16, m), acc_row(p, lo, r0, m));
+        transpose_words(in, out);
+        for (int t = 0; t < nt; t++) _mm512_mask_storeu_epi16(y + t * p->N, fresh, out[t]);
+        return;
+    }
+    /* a few tokens: gather their columns instead */
+    const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(16));
+    __m512 bias_lo = _mm512_setzero_ps(), bias_hi = _mm512_setzero_ps();
+    if (p->bias) {
+        bias_lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(rows, p->bias + r0)), 16));
+        if (hi)
+            bias_hi = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(rows, p->bias + r0 + 16)), 16));
+    }
+    for (int t = 0; t < nt; t++) {
+        const __m512i at = _mm512_add_epi32(col, _mm512_set1_epi32(t));
+        const __m512 vlo = _mm512_add_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), rows, at, lo, 4), bias_lo);
+        const __m512 vhi = hi ? _mm512_add_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), rows, at, hi, 4), bias_hi)
+                              : _mm512_setzero_ps();
+        _mm512_mask_storeu_epi16(y + t * p->N, fresh, (__m512i)_mm512_cvtne2ps_pbh(vhi, vlo));
     }
 }
 
@@ -175,16 +232,20 @@ ALWAYS void prefetch_rows(const Plan *p, int64_t n, int64_t rows, int64_t part, 
     for (int64_t o = lo; o < hi; o += 64) _mm_prefetch(base + o, _MM_HINT_T1);
 }
 
-/* Accumulators stored by the last block, written out to y during the next one (below). */
+/* Accumulators stored by the last block (row tiles i.. x token tiles j.., as in `block`),
+   written out to y during the next one. */
 typedef struct {
     float c[4][256] __attribute__((aligned(64)));
-    int64_t i[4], j[4];
-    int n;
+    int64_t i, j;
+    int mr, nr;
 } Pending;
 
 static void flush(const Plan *p, Pending *out) {
-    for (int t = 0; t < out->n; t++) write_tile(p, out->c[t], out->i[t], out->j[t]);
-    out->n = 0;
+    for (int n = 0; n < out->nr; n++)
+        for (int m = 0; m < out->mr; m += 2)
+            write_tiles(p, out->c[m * out->nr + n], m + 1 < out->mr ? out->c[(m + 1) * out->nr + n] : NULL, out->i + m,
+                        out->j + n);
+    out->mr = out->nr = 0;
 }
 
 /* Row tiles i..i+MR-1 times token tiles j..j+NR-1 over all of K; MR x NR <= 4, NR == 2 only
@@ -235,9 +296,7 @@ ALWAYS void block(const Plan *p, Pending *out, int64_t i, int64_t j, const int M
         }
     }
     flush(p, out);
-    for (int m = 0; m < MR; m++)
-        for (int n = 0; n < NR; n++) out->i[m * NR + n] = i + m, out->j[m * NR + n] = j + n;
-    out->n = MR * NR;
+    out->i = i, out->j = j, out->mr = MR, out->nr = NR;
     _tile_stored(0, out->c[0], 64);
     if (MR * NR > 1) _tile_stored(1, out->c[1], 64);
     if (MR * NR > 2) _tile_stored(2, out->c[2], 64);
@@ -247,7 +306,7 @@ ALWAYS void block(const Plan *p, Pending *out, int64_t i, int64_t j, const int M
 /* Row tiles [i_begin, i_end) for every token. */
 static void compute(const Plan *p, int64_t i_begin, int64_t i_end) {
     Pending out;
-    out.n = 0;
+    out.mr = out.nr = 0;
     if (p->tok_tiles == 1) {
         int64_t i = i_begin;
         for (; i + 4 <= i_end; i += 4) block(p, &out, i, 0, 4, 1, 1);
