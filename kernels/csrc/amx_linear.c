@@ -30,8 +30,8 @@
  * tiles x 2 token tiles, and each 32-row block of W is reused from cache for every token tile
  * of a "token panel" (as many tokens as keep ~768 KB of xp in L2).
  *
- * The only scratch is xp, in a buffer owned by the calling thread and grown on demand (no
- * allocation per call once it has reached its size).
+ * The only scratch is xp, in per-thread buffers grown on demand (no allocation per call once
+ * they have reached their size).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -338,8 +338,25 @@ static void compute(const Plan *p, int64_t i_begin, int64_t i_end) {
     flush(p, &out);
 }
 
-static __thread uint8_t *xp_buf; /* the calling thread's xp scratch, never shrunk */
+static __thread uint8_t *xp_buf; /* this thread's xp scratch, grown on demand, never shrunk */
 static __thread size_t xp_cap;
+
+static uint8_t *xp_scratch(size_t bytes) {
+    if (bytes > xp_cap) {
+        const size_t cap = (bytes + 65535) & ~(size_t)65535;
+        uint8_t *buf = aligned_alloc(64, cap);
+        if (!buf) return NULL;
+        free(xp_buf);
+        xp_buf = buf;
+        xp_cap = cap;
+    }
+    return xp_buf;
+}
+
+static void pack_all(const Plan *p, const uint16_t *x, int64_t ldx) {
+    for (int64_t j = 0; j < p->tok_tiles; j++)
+        for (int64_t c = 0; c < p->chunks; c++) pack_tile(p, x, ldx, j, c);
+}
 
 #endif /* HAVE_AMX */
 
@@ -355,8 +372,8 @@ int amx_linear_init(void) {
 }
 
 /* y (T, N) = x (T, K; rows ldx elements apart) . W^T (W (N, K), rows ldw apart) + bias (N, or
-   NULL); all bf16, y contiguous and not aliasing x. Returns 0, or < 0 with y untouched when the
-   kernel cannot run: AMX unavailable, K < 32 and odd, or no memory for the xp scratch. */
+   NULL); all bf16, y contiguous and not aliasing x. Returns 0, or < 0 when the kernel cannot
+   run (y is then undefined): AMX unavailable, K < 32 and odd, or no memory for the xp scratch. */
 int amx_linear(const void *x, int64_t ldx, const void *w, int64_t ldw, const void *bias, void *y, int64_t T,
                int64_t K, int64_t N, int num_threads) {
 #ifdef HAVE_AMX
@@ -366,36 +383,40 @@ int amx_linear(const void *x, int64_t ldx, const void *w, int64_t ldw, const voi
     Plan p = {w, bias, y, NULL, T, K, N, ldw, (N + 15) / 16, (T + 15) / 16, (K + 31) / 32,
               (int)min64(N, 16), (int)min64(K, 32), (int)min64(T, 16), 0};
     p.tile_bytes = (int64_t)(p.kc / 2) * 4 * p.tc;
-    const size_t need = (size_t)(p.tok_tiles * p.chunks * p.tile_bytes);
-    if (need > xp_cap) {
-        const size_t cap = (need + 65535) & ~(size_t)65535;
-        uint8_t *buf = aligned_alloc(64, cap);
-        if (!buf) return AMX_NO_MEMORY;
-        free(xp_buf);
-        xp_buf = buf;
-        xp_cap = cap;
-    }
-    p.xp = xp_buf;
+    const size_t xp_bytes = (size_t)(p.tok_tiles * p.chunks * p.tile_bytes);
     TileConfig cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette_id = 1;
     for (int t = 0; t < 4; t++) cfg.rows[t] = (uint8_t)p.rows, cfg.colsb[t] = (uint16_t)(4 * p.tc);
     for (int t = 4; t < 6; t++) cfg.rows[t] = (uint8_t)p.rows, cfg.colsb[t] = (uint16_t)(2 * p.kc);
     for (int t = 6; t < 8; t++) cfg.rows[t] = (uint8_t)(p.kc / 2), cfg.colsb[t] = (uint16_t)(4 * p.tc);
-    const int64_t pack_jobs = p.tok_tiles * p.chunks;
     if (num_threads < 1) num_threads = 1;
     if (num_threads > p.row_tiles) num_threads = (int)p.row_tiles;
-#pragma omp parallel num_threads(num_threads)
+    /* Up to 4 token tiles (decode) every thread packs all of x for itself: a few KB, and no
+       barrier between packing and computing. More tokens: the threads share the packing into
+       the calling thread's buffer, then wait for each other once. */
+    const int shared = p.tok_tiles > 4;
+    if (shared && !(p.xp = xp_scratch(xp_bytes))) return AMX_NO_MEMORY;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
+        Plan mine = p;
+        if (shared) {
 #pragma omp for schedule(static)
-        for (int64_t job = 0; job < pack_jobs; job++) pack_tile(&p, x, ldx, job / p.chunks, job % p.chunks);
-        /* (implicit barrier: xp is complete) */
-        const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        const int64_t i_begin = p.row_tiles * tid / nth, i_end = p.row_tiles * (tid + 1) / nth;
-        _tile_loadconfig(&cfg);
-        compute(&p, i_begin, i_end);
-        _tile_release();
+            for (int64_t job = 0; job < p.tok_tiles * p.chunks; job++) pack_tile(&p, x, ldx, job / p.chunks, job % p.chunks);
+        } else if ((mine.xp = xp_scratch(xp_bytes))) {
+            pack_all(&mine, x, ldx);
+        }
+        if (mine.xp) {
+            const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+            _tile_loadconfig(&cfg);
+            compute(&mine, p.row_tiles * tid / nth, p.row_tiles * (tid + 1) / nth);
+            _tile_release();
+        } else {
+            failed = 1;
+        }
     }
+    if (failed) return AMX_NO_MEMORY;
     return AMX_OK;
 #else
     (void)x, (void)ldx, (void)w, (void)ldw, (void)bias, (void)y, (void)T, (void)K, (void)N, (void)num_threads;
