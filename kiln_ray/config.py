@@ -49,7 +49,7 @@ class EngineConfig(_Frozen):
         True,
         description=(
             "CPU bf16 without AMX: keep oneDNN-packed copies of the projections (faster, +1x weight memory);"
-            " on an AMX CPU the plain weights are as fast and nothing is packed"
+            " on an AMX CPU nothing is packed: the AMX kernel reads the plain weights"
         ),
     )
 
