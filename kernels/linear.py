@@ -103,7 +103,7 @@ def prepack_available(device: torch.device, dtype: torch.dtype) -> bool:
 def prepack_wanted(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether packing the weights is worth its memory here: where oneDNN packs and the AMX
     kernel, which reads the weights in place, is not available (bench/RESULTS.md compares them:
-    1.2-2x faster at decode sizes, 0.8-1x at 512-token prefill)."""
+    1.2-2x faster at decode sizes, 0.8-1.3x at 512-token prefill)."""
     return prepack_available(device, dtype) and not amx_available(device, dtype)
 
 
