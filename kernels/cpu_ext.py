@@ -72,14 +72,15 @@ def _cpu_signature() -> str:
 
 
 @functools.cache
-def function(lib_name: str, fn_name: str, argtypes: tuple) -> ctypes._CFuncPtr | None:
-    """A typed function of csrc/<lib_name>.c, or None when that library cannot be built here."""
+def function(lib_name: str, fn_name: str, argtypes: tuple, restype=None) -> ctypes._CFuncPtr | None:
+    """A typed function of csrc/<lib_name>.c (returning `restype`, None for void), or None when
+    that library cannot be built here."""
     lib = load(lib_name)
     if lib is None:
         return None
     fn = getattr(lib, fn_name)
     fn.argtypes = list(argtypes)
-    fn.restype = ctypes.c_int if fn_name == "paged_decode_attention" else None
+    fn.restype = ctypes.c_int if fn_name == "paged_decode_attention" else restype
     return fn
 
 

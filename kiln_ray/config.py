@@ -46,7 +46,11 @@ class EngineConfig(_Frozen):
         description="modules adapters may adapt; add in_proj_qkv/in_proj_z/in_proj_b/in_proj_a/out_proj for linear attention",
     )
     prepack_weights: bool = Field(
-        True, description="CPU bf16: keep oneDNN-packed copies of the projections (faster, +1x weight memory)"
+        True,
+        description=(
+            "CPU bf16 without AMX: keep oneDNN-packed copies of the projections (faster, +1x weight memory);"
+            " on an AMX CPU nothing is packed: the AMX kernel reads the plain weights"
+        ),
     )
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.dispatch import select_kernels
-from kernels.linear import prepack_available
+from kernels.linear import prepack_wanted
 from kiln_ray.config import EngineConfig, KilnConfig, torch_dtype
 from kiln_ray.engine.adapter_manager import AdapterManager, SlotFill
 from kiln_ray.engine.block_manager import BlockManager
@@ -63,7 +63,9 @@ class LLMEngine:
         self.config = config
         self.device = torch.device(device)
         cfg = model.config
-        if config.prepack_weights and prepack_available(self.device, model.dtype):
+        # Not on an AMX CPU: there the plain weights are already the fast path (kernels/linear.py),
+        # so they stay the one copy shared with the trainer.
+        if config.prepack_weights and prepack_wanted(self.device, model.dtype):
             model.prepack()
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, MAX_POSITIONS)
         kv_dtype = torch_dtype(config.kv_cache_dtype, model.dtype)

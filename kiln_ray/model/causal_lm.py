@@ -82,7 +82,8 @@ class CausalLM(nn.Module):
 
     def prepack(self) -> None:
         """Pack every projection (and the output head) for fast no-grad forwards on CPU bf16;
-        costs the weights' size again in memory."""
+        costs the weights' size again in memory. The engine does it only where that is faster
+        than the plain weights (`kernels.linear.prepack_wanted`: no AMX)."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepack()
@@ -105,7 +106,8 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
         """hidden (N, hidden) -> logits (N, vocab), in float32 unless `upcast` is False (then
-        in the model's dtype)."""
+        in the model's dtype). A tied head is the embedding table itself (through the AMX
+        kernel or its packed copy, as any projection)."""
         if self.lm_head is not None:
             logits = self.lm_head(hidden)
         else:

@@ -20,8 +20,9 @@ class Linear(nn.Module):
 
     `out_sizes` names the stacked parts in order (e.g. q, k, v), so the loader can fill each
     part from its own checkpoint tensor and LoRA can add a delta to each part separately.
-    Base weights never require grad. After `prepack`, no-grad forwards use a packed copy
-    (kernels/linear.py); the weight stays the source of truth.
+    Base weights never require grad. No-grad forwards on CPU bf16 take a fast path
+    (kernels/linear.py): the AMX kernel on the weight itself where the CPU has AMX, else, after
+    `prepack`, a oneDNN-packed copy; the weight stays the source of truth.
     """
 
     def __init__(self, in_features: int, out_sizes: tuple[int, ...], bias: bool, dtype: torch.dtype):
@@ -34,7 +35,8 @@ class Linear(nn.Module):
         self.path = ""  # this module's name in the model, set by CausalLM (LoRA looks it up)
 
     def prepack(self) -> None:
-        """Keep a oneDNN-packed copy of the weight for no-grad forwards (CPU, bf16)."""
+        """Keep a oneDNN-packed copy of the weight for no-grad forwards (CPU bf16; worth its
+        memory only without AMX: see `kernels.linear.prepack_wanted`)."""
         self.packed = pack_weight(self.weight)
 
     def part_rows(self, part: int) -> slice:

@@ -248,3 +248,25 @@ def test_extreme_sampling_values_keep_the_engine_stepping_with_finite_logprobs(t
         engine.add_request("greedy", prompts[2], SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0))
         assert run_to_completion(engine)["greedy"][0] == [lp.token_id for lp in logprobs]
     assert_idle(engine)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied output head; separate lm_head
+def test_bf16_engine_on_amx_serves_from_the_one_copy_of_the_weights(arch, tiny_model_dirs):
+    """On an AMX CPU the engine keeps no packed copy of any projection or of the output head,
+    even with `prepack_weights` on (the default): it serves bf16 from the very weights it
+    loaded (the ones it shares with the trainer)."""
+    from kernels.linear import amx_available
+    from kiln_ray.model.layers import Linear
+
+    if not amx_available(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("no AMX here: the engine packs the weights for oneDNN instead")
+    model = load_model(tiny_model_dirs[arch][0], torch.bfloat16, "cpu")
+    storage = {name: p.data_ptr() for name, p in model.named_parameters()}
+    engine = LLMEngine(model, EngineConfig(block_size=4, num_kv_blocks=64, max_num_batched_tokens=16, max_num_seqs=4))
+    assert engine.config.prepack_weights
+    assert [name for name, m in model.named_modules() if isinstance(m, Linear) and m.packed is not None] == []
+    assert model.packed_tied_head is None
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == storage
+    engine.add_request("r", [5, 9, 17, 33], greedy(6))
+    assert len(run_to_completion(engine)["r"][0]) == 6
+    assert_idle(engine)

@@ -11,6 +11,7 @@ import torch
 from kernels.attention import AttentionMetadata
 from kernels.dispatch import select_kernels
 from kiln_ray.model.context import ForwardContext, LayerCaches, StateMetadata
+from kiln_ray.model.layers import Linear
 from kiln_ray.model.loader import load_model
 from tests.helpers import rel_rms
 from tests.model.tiny import ARCHITECTURES
@@ -133,9 +134,10 @@ def test_chunked_prefill_and_decode_match_transformers(arch, kernels, tiny_model
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_5"])
 def test_bf16_paths_stay_close_to_fp32(arch, tiny_model_dirs, sequences, monkeypatch):
-    """bf16 with plain projections, with oneDNN-packed ones, and under autograd (which must
-    bypass the packed copies) are no further from the fp32 logits than transformers' own
-    bf16 run is (tiny random models amplify bf16 rounding to a few percent)."""
+    """bf16 with plain projections (the AMX kernel where the CPU has one), with oneDNN-packed
+    ones, and under autograd (which must bypass the packed copies) are no further from the fp32
+    logits than transformers' own bf16 run is (tiny random models amplify bf16 rounding to a
+    few percent)."""
     from kernels.linear import prepack_available
 
     if not prepack_available(torch.device("cpu"), torch.bfloat16):
@@ -169,3 +171,43 @@ def test_bf16_paths_stay_close_to_fp32(arch, tiny_model_dirs, sequences, monkeyp
     budget = 1.25 * rel_rms(hf_logits, fp32)
     for name, out in (("plain", plain), ("packed", packed), ("autograd", grad_mode)):
         assert rel_rms(out, fp32) < budget, name
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3_5"])
+def test_amx_projections_give_the_logits_of_f_linear(arch, tiny_model_dirs, sequences, monkeypatch):
+    """bf16 without grad on an AMX CPU: every projection and the output head (tied for llama,
+    with q/k/v bias for qwen2, the small linear-attention projections of qwen3_5) run on the
+    AMX kernel over the plain weights, and the logits are those of F.linear to bf16 rounding."""
+    import kernels.linear
+
+    if not kernels.linear.amx_available(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("no AMX here")
+    path, _ = tiny_model_dirs[arch]
+    model = load_model(path, torch.bfloat16, "cpu")
+    ids = torch.cat(sequences)
+    pos = torch.cat([torch.arange(len(s)) for s in sequences])
+
+    def logits():
+        with torch.no_grad():
+            return model.compute_logits(model(ids, pos, ForwardContext.dense([len(s) for s in sequences])))
+
+    took = []
+    amx_linear = kernels.linear.amx_linear
+
+    def counted(x, weight, bias):
+        out = amx_linear(x, weight, bias)
+        took.append(out is not None)
+        return out
+
+    monkeypatch.setattr(kernels.linear, "amx_linear", counted)
+    fast = logits()
+    projections = sum(isinstance(m, Linear) for m in model.modules()) + (model.lm_head is None)
+    assert took == [True] * projections
+    for kernel in ("amx_linear", "avx512_linear"):  # both refuse: F.linear
+        monkeypatch.setattr(kernels.linear, kernel, lambda x, weight, bias: None)
+    reference = logits()
+    with torch.no_grad():
+        fp32 = load_model(path, torch.float32, "cpu")
+        exact = fp32.compute_logits(fp32(ids, pos, ForwardContext.dense([len(s) for s in sequences])))
+    # a tenth of bf16's own error: the two differ at most by a rounding here and there
+    assert rel_rms(fast, reference) < 0.1 * rel_rms(reference, exact)
