@@ -101,6 +101,8 @@ class KilnEngine:
             num_cpus=cfg.deploy.trainer_cpus,
             num_gpus=trainer_gpus,
             scheduling_strategy=strategy,
+            # Not the engine's runtime env (which a child would inherit): its own priority.
+            runtime_env={"env_vars": {"RAY_worker_niceness": str(cfg.training.niceness)}},
         ).remote(cfg.model_dump(), weights_ref)
 
     async def _apply_publications(self) -> None:

@@ -85,6 +85,9 @@ class TrainingConfig(_Frozen):
     enabled: bool = Field(True, description="run a trainer beside each engine")
     max_queued_jobs: int = Field(16, ge=1, description="queued jobs past which submissions get 503")
     num_threads: int = Field(1, ge=1, description="torch threads of the trainer (it shares the device)")
+    niceness: int = Field(
+        5, ge=0, le=19, description="process priority of the trainer; serving runs at 0, so above 0 it yields the cores to decoding"
+    )
     warm_up: bool = Field(True, description="run one throwaway step at start, not on the first job")
     gradient_checkpointing: bool = True
     webhook_url: str | None = Field(None, description="POST job status here on completion/failure")
