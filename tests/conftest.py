@@ -9,10 +9,10 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory):
     """arch -> (checkpoint dir, transformers model in fp32), built once per session."""
-    from tests.model.tiny import ARCHITECTURES, save_tiny_model
+    from tests.model.tiny import VARIANTS, save_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-models")
-    return {arch: (root / arch, save_tiny_model(arch, root / arch)) for arch in ARCHITECTURES}
+    return {arch: (root / arch, save_tiny_model(arch, root / arch)) for arch in VARIANTS}
 
 
 @pytest.fixture(scope="session")

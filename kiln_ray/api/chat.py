@@ -326,6 +326,18 @@ def _partial_prefix_len(text: str, patterns: tuple[str, ...]) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def forced_call_prefix(forced: str | bool) -> str:
+    """The text a reply is made to start with so that it opens a tool call (appended to the
+    prompt after the generation prompt, then fed to the tool-call parser before the model's
+    text): the open tag and, for a named function, its name up to the arguments. The model
+    writes the rest (for `True`, the function's name too)."""
+    if forced is False:
+        return ""
+    if forced is True:
+        return f'{TOOL_CALL_OPEN}\n{{"name": "'
+    return f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(forced, ensure_ascii=False)}, "arguments": '
+
+
 def _new_call_id() -> str:
     return "call_" + secrets.token_urlsafe(18)  # 18 bytes -> 24 url-safe characters
 

@@ -54,12 +54,22 @@ def merge_deltas(deltas: list[Delta]) -> list[Delta]:
 
 
 class ChoiceText:
-    def __init__(self, tokenizer, index: int, stops: list[str], parse_tools: bool, skip_special_tokens: bool):
+    def __init__(self, tokenizer, index: int, stops: list[str], parse_tools: bool, skip_special_tokens: bool,
+                 forced_text: str = "", single_call: bool = False):
+        """forced_text: what the prompt already ends with and the reply is read as starting
+        with (the open of a forced tool call, `forced_call_prefix`); single_call: the choice
+        ends at its first tool call (finish_reason "tool_calls")."""
         self.tokenizer = tokenizer
         self.index = index
         self.detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
         self.stops = StopMatcher(stops)
         self.tools = ToolCallStreamParser() if parse_tools else None
+        self.single_call = single_call
+        if forced_text:
+            if self.tools is None:
+                raise ValueError("forced_text needs parse_tools")
+            if self.tools.push(forced_text):
+                raise ValueError("forced_text must open a tool call")
         self.text = ""
         self.tool_calls: list[ToolCall] = []
         self.logprobs: list[LogprobEntry] = []
@@ -89,7 +99,8 @@ class ChoiceText:
             if not stopped_at_end:
                 text += self.stops.flush()
             stopped = stopped_at_end
-        self._emit(delta, text, final=out.finished or stopped)
+        if self._emit(delta, text, final=out.finished or stopped):
+            stopped = True
         if stopped:
             delta.finish_reason = "stop"
         elif out.finished:
@@ -99,7 +110,10 @@ class ChoiceText:
         self.finish_reason = delta.finish_reason
         return delta
 
-    def _emit(self, delta: Delta, text: str, final: bool) -> None:
+    def _emit(self, delta: Delta, text: str, final: bool) -> bool:
+        """Put `text` into `delta` (content, or tool calls when parsing them). Returns True
+        when a single-call choice has just made its call: what follows it is dropped."""
+        ended = False
         if self.tools is None:
             delta.text = text
         else:
@@ -107,10 +121,14 @@ class ChoiceText:
             for piece in pieces:
                 if isinstance(piece, ToolCall):
                     delta.tool_calls.append(piece)
+                    if self.single_call:
+                        ended = True
+                        break
                 else:
                     delta.text += piece
             self.tool_calls.extend(delta.tool_calls)
         self.text += delta.text
+        return ended
 
     def _logprob_entry(self, lp: TokenLogprob) -> LogprobEntry:
         decode = self.tokenizer.decode

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kiln_ray.api import openai_format as fmt
-from kiln_ray.api.chat import ChatFormatError, render_chat
+from kiln_ray.api.chat import ChatFormatError, forced_call_prefix, render_chat
 from kiln_ray.api.auth import KeyCheck, presented_key, required_access
 from kiln_ray.api.engine_client import EngineClient
 from kiln_ray.api.errors import APIError, engine_error, error_response, install_error_handlers
@@ -165,11 +165,14 @@ class _Routes:
         use_tools = offered is not None
         tools = [t.model_dump(exclude_none=True) for t in offered] if use_tools else None
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        forced = forced_call_prefix(body.forced_tool)  # "required" / a named function: the reply opens a call
         prompt = self._render(messages, tools, body.chat_template_kwargs)
+        prompt += self.tok.encode(forced, add_special_tokens=False) if forced else []
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self._params(body, prompt, body.token_limit, logprobs)
         rid = _response_id("chatcmpl", request)
-        choices = [ChoiceText(self.tok, i, body.stop, use_tools, body.skip_special_tokens) for i in range(body.n)]
+        choices = [ChoiceText(self.tok, i, body.stop, use_tools, body.skip_special_tokens, forced, body.single_tool_call)
+                   for i in range(body.n)]
         created = int(time.time())
         model = body.model or self.ctx.model_name
         timing = self._timing()

@@ -155,13 +155,31 @@ class ChatCompletionRequest(SamplingFields):
     @property
     def offered_tools(self) -> list[Tool] | None:
         """The tools rendered into the prompt (and whose calls are parsed): None for no tools
-        or tool_choice "none", only the named one for a named function, else all of them.
-        Neither "required" nor a name is enforced: the model may still answer in text."""
+        or tool_choice "none", only the named one for a named function, else all of them."""
         if not self.tools or self.tool_choice == "none":
             return None
         if isinstance(self.tool_choice, NamedToolChoice):
             return [t for t in self.tools if t.function.name == self.tool_choice.function.get("name")]
         return list(self.tools)
+
+    @property
+    def forced_tool(self) -> str | bool:
+        """What the reply is made to start with: the name of the function it must call (a named
+        tool_choice, or "required" with one tool), True for a call to any offered function
+        ("required"), False for none forced."""
+        if not self.tools:
+            return False
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function["name"]
+        if self.tool_choice == "required":
+            return self.tools[0].function.name if len(self.tools) == 1 else True
+        return False
+
+    @property
+    def single_tool_call(self) -> bool:
+        """At most one call, the reply ending with it: parallel_tool_calls false or a named
+        function (OpenAI's named tool_choice yields exactly one call)."""
+        return not self.parallel_tool_calls or isinstance(self.tool_choice, NamedToolChoice)
 
 
 class CompletionRequest(SamplingFields):

@@ -29,7 +29,7 @@ class Attention(nn.Module):
         self.gated = cfg.attn_output_gate
         parts = (q_size, q_size, kv_size, kv_size) if self.gated else (q_size, kv_size, kv_size)
         self.qkv_proj = Linear(cfg.hidden_size, parts, cfg.attention_bias, dtype)
-        self.o_proj = Linear(q_size, (cfg.hidden_size,), False, dtype)
+        self.o_proj = Linear(q_size, (cfg.hidden_size,), cfg.o_proj_bias, dtype)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 

@@ -39,7 +39,7 @@ class DecoderLayer(nn.Module):
         else:
             self.linear_attn = GatedDeltaNet(cfg, kind_index, kernels, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, kernels, dtype)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, kernels, dtype, cfg.mlp_bias)
         self.kernels = kernels
 
     def forward(

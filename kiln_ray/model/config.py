@@ -56,7 +56,9 @@ class ModelConfig:
     rope: RopeConfig
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v biases
+    o_proj_bias: bool = False  # Llama's attention_bias biases o_proj too; Qwen2's does not
+    mlp_bias: bool = False  # Llama's mlp_bias: gate/up/down biases
     qk_norm: bool = False
     attn_output_gate: bool = False
     zero_centered_norm: bool = False
@@ -149,6 +151,8 @@ class ModelConfig:
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
+            o_proj_bias=arch != "qwen2" and bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=arch in ("qwen3", "qwen3_5"),
             attn_output_gate=arch == "qwen3_5",
             zero_centered_norm=arch == "qwen3_5",

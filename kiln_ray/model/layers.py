@@ -64,11 +64,12 @@ class RMSNorm(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused into one matmul."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, kernels: Kernels, dtype: torch.dtype):
+    def __init__(self, hidden_size: int, intermediate_size: int, kernels: Kernels, dtype: torch.dtype,
+                 bias: bool = False):
         super().__init__()
         self.kernels = kernels
-        self.gate_up_proj = Linear(hidden_size, (intermediate_size, intermediate_size), False, dtype)
-        self.down_proj = Linear(intermediate_size, (hidden_size,), False, dtype)
+        self.gate_up_proj = Linear(hidden_size, (intermediate_size, intermediate_size), bias, dtype)
+        self.down_proj = Linear(intermediate_size, (hidden_size,), bias, dtype)
 
     def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
         return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x, lora)), lora)

@@ -89,9 +89,9 @@ class WeightMapper:
             else:
                 raise ValueError(f"unexpected checkpoint tensor {hf_name!r}")
         elif head in ("mlp.gate_proj", "mlp.up_proj"):
-            self._fill(f"{p}.mlp.gate_up_proj.weight", 0 if head == "mlp.gate_proj" else 1, t)
+            self._fill(f"{p}.mlp.gate_up_proj.{leaf}", 0 if head == "mlp.gate_proj" else 1, t)
         elif head == "mlp.down_proj":
-            self._fill(f"{p}.mlp.down_proj.weight", 0, t)
+            self._fill(f"{p}.mlp.down_proj.{leaf}", 0, t)
         elif head.startswith("linear_attn") or rest.startswith("linear_attn."):
             self._load_linear_attn(p, rest.removeprefix("linear_attn."), t, hf_name)
         else:

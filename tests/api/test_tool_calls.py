@@ -29,14 +29,21 @@ class ScriptedEngine:
     """Answers every request with the token ids of `text`, a few tokens per increment."""
 
     def __init__(self, tokenizer, text: str):
-        self.ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        self.tokenizer = tokenizer
+        self.answer(text)
         self.requests = []
+        self.increments_sent = 0  # of the last request, before its stream ended or was closed
+
+    def answer(self, text: str) -> None:
+        self.ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     async def generate(self, request, choice):
         self.requests.append(request)
+        self.increments_sent = 0
         for i in range(0, len(self.ids), 3):
             chunk = self.ids[i:i + 3]
             done = i + 3 >= len(self.ids)
+            self.increments_sent += 1
             yield [RequestOutput(request.request_id, 0, chunk, "stop" if done else None,
                                  num_prompt_tokens=len(request.prompt_token_ids), num_output_tokens=min(i + 3, len(self.ids)))]
 
@@ -99,18 +106,99 @@ def test_tool_choice_none_leaves_markup_as_text(scripted):
 TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 
 
-@pytest.mark.parametrize("tool_choice", ["auto", {"type": "function", "function": {"name": "get_weather"}}],
-                         ids=["auto", "named"])
-def test_auto_and_named_tool_choice_parse_the_call(scripted, tool_choice):
+def test_auto_tool_choice_parses_the_call(scripted):
     client, engine, tokenizer = scripted
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Weather?"}],
-                                                   "tools": [WEATHER_TOOL, TIME_TOOL], "tool_choice": tool_choice})
+                                                   "tools": [WEATHER_TOOL, TIME_TOOL], "tool_choice": "auto"})
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["get_weather"]
     prompt = tokenizer.decode(engine.requests[-1].prompt_token_ids)
-    assert "get_weather" in prompt
-    assert ("get_time" in prompt) == (tool_choice == "auto")  # a named function is the only one offered
+    assert "get_weather" in prompt and "get_time" in prompt
+
+
+@pytest.fixture
+def answering(scripted):
+    """The scripted client, made to answer with a given text for one test."""
+    client, engine, tokenizer = scripted
+    yield client, engine, tokenizer
+    engine.answer(ANSWER)
+
+
+TWO_CALLS = ('{"city": "Paris"}}\n</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n'
+             '</tool_call>\nDone.')
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_named_tool_choice_forces_exactly_one_call_to_that_function(answering, stream):
+    """The prompt ends with the call's opening up to its arguments, so the model can only
+    write arguments; the reply is that one call (the rest of the generation is cut off and
+    the engine request ended early), and only the named function is offered."""
+    client, engine, tokenizer = answering
+    engine.answer(TWO_CALLS)
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
+    kwargs = dict(model="m", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER_TOOL, TIME_TOOL],
+                  tool_choice=NAMED)
+    if stream:
+        chunks = list(sdk.chat.completions.create(**kwargs, stream=True))
+        calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        message = (resp := sdk.chat.completions.create(**kwargs)).choices[0].message
+        calls, content, finish = message.tool_calls, message.content or "", resp.choices[0].finish_reason
+    assert finish == "tool_calls" and content == ""
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+    prompt = tokenizer.decode(engine.requests[-1].prompt_token_ids)
+    assert prompt.endswith('<tool_call>\n{"name": "get_weather", "arguments": ')
+    assert "get_time" not in prompt
+    assert engine.increments_sent < -(-len(engine.ids) // 3)  # closed before the scripted answer's end
+
+
+def test_required_with_several_tools_lets_the_model_pick_the_function(answering):
+    client, engine, tokenizer = answering
+    engine.answer('get_time", "arguments": {}}\n</tool_call>')
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Time?"}],
+                                                   "tools": [WEATHER_TOOL, TIME_TOOL], "tool_choice": "required"})
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in choice["message"]["tool_calls"]] == [
+        ("get_time", "{}")]
+    prompt = tokenizer.decode(engine.requests[-1].prompt_token_ids)
+    assert prompt.endswith('<tool_call>\n{"name": "') and "get_weather" in prompt and "get_time" in prompt
+
+
+def test_required_with_one_tool_names_it_and_allows_parallel_calls(answering):
+    client, engine, tokenizer = answering
+    engine.answer(TWO_CALLS)
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Weather?"}],
+                                                   "tools": [WEATHER_TOOL], "tool_choice": "required"})
+    choice = r.json()["choices"][0]
+    assert tokenizer.decode(engine.requests[-1].prompt_token_ids).endswith('"name": "get_weather", "arguments": ')
+    assert [json.loads(c["function"]["arguments"])["city"] for c in choice["message"]["tool_calls"]] == ["Paris", "Rome"]
+    assert choice["message"]["content"].strip() == "Done." and choice["finish_reason"] == "tool_calls"
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call_only(answering):
+    client, engine, _ = answering
+    engine.answer('<tool_call>\n{"name": "get_weather", "arguments": ' + TWO_CALLS)
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Weather?"}],
+                                                   "tools": [WEATHER_TOOL], "parallel_tool_calls": False})
+    calls = r.json()["choices"][0]["message"]["tool_calls"]
+    assert [json.loads(c["function"]["arguments"])["city"] for c in calls] == ["Paris"]
+
+
+def test_a_forced_call_the_model_leaves_unfinished_comes_back_as_text(answering):
+    """Forcing the opening does not make the model close the call: when it ends without the
+    closing tag, the reply is the raw text (the forced opening included) and no tool_calls."""
+    client, engine, _ = answering
+    engine.answer('{"city": "Par')
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Weather?"}],
+                                                   "tools": [WEATHER_TOOL], "tool_choice": NAMED})
+    choice = r.json()["choices"][0]
+    assert "tool_calls" not in choice["message"]
+    assert choice["message"]["content"] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'
 
 
 def test_tool_results_and_assistant_calls_render(scripted):

@@ -14,7 +14,7 @@ from kiln_ray.model.context import ForwardContext, LayerCaches, StateMetadata
 from kiln_ray.model.layers import Linear
 from kiln_ray.model.loader import load_model
 from tests.helpers import rel_rms
-from tests.model.tiny import ARCHITECTURES
+from tests.model.tiny import VARIANTS
 
 TOL = 1e-4
 SEQ_LENS = [1, 7, 19, 45]
@@ -87,7 +87,7 @@ class PagedHarness:
         return [logits[cu[i]:cu[i + 1]] for i in range(len(work))]
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", VARIANTS)
 def test_dense_prefill_matches_transformers(arch, tiny_model_dirs, sequences):
     path, hf = tiny_model_dirs[arch]
     model = load_model(path, torch.float32, "cpu", select_kernels("cpu", "fast"))
@@ -103,7 +103,7 @@ def test_dense_prefill_matches_transformers(arch, tiny_model_dirs, sequences):
 
 
 @pytest.mark.parametrize("kernels", ["fast", "reference"])
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", VARIANTS)
 def test_chunked_prefill_and_decode_match_transformers(arch, kernels, tiny_model_dirs, sequences):
     """Prefill each sequence in chunks of 8 while the others decode, then decode token by
     token; every token's logits equal transformers' over the full sequence."""

@@ -9,7 +9,7 @@ from kiln_ray.model.context import ForwardContext
 from kiln_ray.model.loader import load_model
 from kiln_ray.model.lora import DEFAULT_TARGETS, LINEAR_ATTENTION_TARGETS, AdapterSlots, LoraBatch, LoraWeights, TrainableLora, lora_sites
 from tests.model.test_causal_lm import PagedHarness, rel_max_err
-from tests.model.tiny import ARCHITECTURES
+from tests.model.tiny import ARCHITECTURES, VARIANTS
 
 TOL = 1e-4
 
@@ -47,7 +47,7 @@ def hf_logits(model, sequences):
         return [model(s[None]).logits[0] for s in sequences]
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", VARIANTS)
 def test_trainable_lora_matches_peft(arch, tiny_model_dirs, sequences):
     path, hf = tiny_model_dirs[arch]
     peft_model, weights = peft_adapter(hf, arch, seed=1)

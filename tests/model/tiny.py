@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_5")
+# Parity-only variants of an architecture (not run through every engine test).
+VARIANTS = (*ARCHITECTURES, "llama_bias")
 
 
 def tiny_hf_config(arch: str):
@@ -27,6 +29,9 @@ def tiny_hf_config(arch: str):
     )
     if arch == "llama":
         return tf.LlamaConfig(num_hidden_layers=3, tie_word_embeddings=True, rope_theta=10000.0, **common)
+    if arch == "llama_bias":  # biases on q/k/v/o (attention_bias) and gate/up/down (mlp_bias)
+        return tf.LlamaConfig(num_hidden_layers=2, tie_word_embeddings=False, rope_theta=10000.0,
+                              attention_bias=True, mlp_bias=True, **common)
     if arch == "qwen2":
         return tf.Qwen2Config(num_hidden_layers=3, tie_word_embeddings=False, rope_theta=1e6, **common)
     if arch == "qwen3":
