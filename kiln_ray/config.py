@@ -118,6 +118,10 @@ class KilnConfig(_Frozen):
     request_timeout_s: float = Field(
         600.0, gt=0, description="a generation request fails with 504 after this (the wait for its first token included)"
     )
+    stream_interval: int = Field(
+        1, ge=1, description="engine steps per streamed chunk: a stream's tokens go out every this many steps (the "
+        "first at once, a finish at once); more means fewer, larger SSE events, cheaper for ingress, proxy and client"
+    )
     api_key: SecretStr | None = Field(None, description="required on every /v1 route when set (set it by env: KILN_API_KEY)")
     admin_key: SecretStr | None = Field(
         None, description="required on training and adapter-changing routes (KILN_ADMIN_KEY); default: the API key"

@@ -476,16 +476,27 @@ class _Routes:
         yield fmt.SSE_DONE
 
     async def _stream_body(self, first, rest, chunk_for, timing: _Timing) -> AsyncIterator[str]:
-        """SSE events for one engine request; an error after the headers went out becomes an
-        error event (the status line cannot change any more)."""
+        """SSE events for one engine request: the first batch at once, then one event per
+        `stream_interval` engine batches (sooner when a choice finishes). An error after the
+        headers went out becomes an error event (the status line cannot change any more)."""
+        interval = self.ctx.config.stream_interval
         try:
             async with asyncio.timeout_at(timing.deadline):
                 async with aclosing(rest):
                     if first is not None and (event := chunk_for(first)):
                         yield event
+                    pending: list[Delta] = []
+                    batches = 0
                     async for deltas in rest:
-                        if event := chunk_for(deltas):
+                        pending += deltas
+                        batches += 1
+                        if batches < interval and not any(d.finish_reason for d in deltas):
+                            continue
+                        if event := chunk_for(merge_deltas(pending)):
                             yield event
+                        pending, batches = [], 0
+                    if pending and (event := chunk_for(merge_deltas(pending))):
+                        yield event
         except TimeoutError:
             yield fmt.sse(self._timeout().body())
         except Exception as error:  # noqa: BLE001 - after the headers, an error can only be an event

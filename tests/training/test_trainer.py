@@ -217,7 +217,9 @@ def test_the_default_job_learns_one_correction_and_keeps_unrelated_facts(smol, f
     their facts. Their wording does not stay identical: measured step by step (bf16), the
     first answers change from step 2 on (shorter, as the one example is), while the
     correction is learned only from step 8, so no step budget or early-stop threshold
-    gives both; the test asserts the facts, not the base model's wording."""
+    gives both. Mixing the base model's own answers to other prompts into each step did not
+    keep the wording either (bench/forgetting.py; bench/RESULTS.md). So the test asserts the
+    facts, not the base model's wording."""
     _, result = first_correction
     assert result.stopped_early and result.steps < TrainConfig().steps
     question, correction = FACTS[0]
