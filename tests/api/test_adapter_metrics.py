@@ -30,17 +30,22 @@ def metric(text: str, series: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def train_and_wait(http, adapter: str) -> None:
+    """A 2-step SFT job into `adapter`, waited for (60 s at most)."""
+    r = http.post("/v1/train/sft", json={"adapter": adapter, "examples": [{"messages": CONV}],
+                                         "config": {"steps": 2, "early_stop_loss": None}})
+    job = r.json()["job_id"]
+    deadline = time.time() + 60
+    while http.get(f"/v1/train/status/{job}").json()["state"] != "completed":
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
 def test_swaps_and_served_versions_are_exported(http):
     before = http.get("/metrics").text
     assert metric(before, "kiln_adapter_swaps_total") in (None, 0.0)
     for expected_version in (1, 2):
-        r = http.post("/v1/train/sft", json={"adapter": "fact", "examples": [{"messages": CONV}],
-                                             "config": {"steps": 2, "early_stop_loss": None}})
-        job = r.json()["job_id"]
-        deadline = time.time() + 60
-        while http.get(f"/v1/train/status/{job}").json()["state"] != "completed":
-            assert time.time() < deadline
-            time.sleep(0.05)
+        train_and_wait(http, "fact")
         text = http.get("/metrics").text
         assert metric(text, 'kiln_adapter_version{adapter="fact"}') == expected_version
         # the first version is a first load; the second one is a hot swap
@@ -50,13 +55,7 @@ def test_swaps_and_served_versions_are_exported(http):
 def test_every_kiln_metric_reaches_the_ingress_text_with_real_values(http):
     """Ingress, engine and trainer figures in one text: each definition has samples."""
     assert http.post("/v1/chat/completions", json={"messages": CONV[:1], "max_tokens": 3}).status_code == 200
-    r = http.post("/v1/train/sft", json={"adapter": "every", "examples": [{"messages": CONV}],
-                                         "config": {"steps": 2, "early_stop_loss": None}})
-    job = r.json()["job_id"]
-    deadline = time.time() + 60
-    while http.get(f"/v1/train/status/{job}").json()["state"] != "completed":
-        assert time.time() < deadline
-        time.sleep(0.05)
+    train_and_wait(http, "every")
     text = http.get("/metrics").text
     families = {f.name: f.samples for f in text_string_to_metric_families(text)}
     missing = [d.name for d in DEFINITIONS if not families.get(d.family)]

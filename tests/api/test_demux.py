@@ -23,13 +23,19 @@ async def feed(batches, gate: asyncio.Event | None = None, error: BaseException 
         raise error
 
 
+def two_member_link() -> tuple[dict[str, RequestStream], Link]:
+    """A link with requests "a" and "b" joined (inside a running event loop)."""
+    loop = asyncio.get_running_loop()
+    streams = {"a": RequestStream(loop, 1), "b": RequestStream(loop, 1)}
+    link = Link("r1", streams, abort=lambda rid: None)
+    link.join("a")
+    link.join("b")
+    return streams, link
+
+
 def test_each_request_gets_its_own_outputs_in_order():
     async def main():
-        loop = asyncio.get_running_loop()
-        streams = {"a": RequestStream(loop, 1), "b": RequestStream(loop, 1)}
-        link = Link("r1", streams, abort=lambda rid: None)
-        link.join("a")
-        link.join("b")
+        streams, link = two_member_link()
         await link.run(feed([[out("a", 1), out("b", 7)], [out("a", 2), out("b", 8, "stop")], [out("a", 3, "length")]]))
         return [[o.new_token_ids[0] for o in await s.next_batch()] for s in streams.values()], streams
 
@@ -69,11 +75,7 @@ def test_a_request_nobody_reads_is_aborted_once():
 @pytest.mark.parametrize("ending", ["closed", "failed"])
 def test_when_the_subscription_ends_every_member_fails_and_the_link_is_dead(ending):
     async def main():
-        loop = asyncio.get_running_loop()
-        streams = {"a": RequestStream(loop, 1), "b": RequestStream(loop, 1)}
-        link = Link("r1", streams, abort=lambda rid: None)
-        link.join("a")
-        link.join("b")
+        streams, link = two_member_link()
         error = ConnectionError("replica died") if ending == "failed" else None
         await link.run(feed([[out("a", 1)]], error=error))
         got = await streams["a"].next_batch()
