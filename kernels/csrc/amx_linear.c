@@ -407,14 +407,20 @@ int amx_linear(const void *x, int64_t ldx, const void *w, int64_t ldw, const voi
         } else if ((mine.xp = xp_scratch(xp_bytes))) {
             pack_all(&mine, x, ldx);
         }
-        if (mine.xp) {
-            const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
-            _tile_loadconfig(&cfg);
-            compute(&mine, p.row_tiles * tid / nth, p.row_tiles * (tid + 1) / nth);
-            _tile_release();
-        } else {
-            failed = 1;
-        }
+        /* Row tiles go out in blocks, about four per thread, to whichever thread is free: a
+           thread the OS runs late (another process busy on its core) takes fewer of them and
+           the others do not wait for a fixed half. Every thread meets the loop (an OpenMP
+           rule); one without scratch takes no part in the result, which is then discarded. */
+        const int64_t nth = omp_get_num_threads();
+        int64_t grain = (p.row_tiles + 4 * nth - 1) / (4 * nth);
+        grain = (grain + 3) / 4 * 4;
+        const int64_t blocks = (p.row_tiles + grain - 1) / grain;
+        if (mine.xp) _tile_loadconfig(&cfg);
+        else failed = 1;
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t b = 0; b < blocks; b++)
+            if (mine.xp) compute(&mine, b * grain, min64(p.row_tiles, (b + 1) * grain));
+        if (mine.xp) _tile_release();
     }
     if (failed) return AMX_NO_MEMORY;
     return AMX_OK;

@@ -62,6 +62,23 @@ def test_amx_linear_matches_fp32_math(tokens, k, n, bias):
 
 
 @needs_amx
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+@pytest.mark.parametrize("tokens, n", [(1, 37), (1, 3072), (17, 960), (300, 576)])
+def test_amx_linear_hands_out_every_row_block_once_whatever_the_thread_count(threads, tokens, n):
+    """Row tiles go to the threads in blocks claimed on the fly: with any number of threads,
+    more threads than blocks included, every output row is written once and right."""
+    x, weight, _ = inputs(tokens, 576, n, False, seed=threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = linear.amx_linear(x, weight, None)
+    finally:
+        torch.set_num_threads(before)
+    assert out is not None
+    assert rel_rms(out, fp32_reference(x, weight, None)) < TOL
+
+
+@needs_amx
 def test_amx_linear_reads_strided_rows_in_place():
     """A weight whose rows are 320 elements apart and x rows 200 apart (slices of wider
     tensors): the kernel reads both where they lie."""
