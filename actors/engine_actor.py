@@ -32,6 +32,7 @@ from kiln_ray.config import KilnConfig
 from kiln_ray.engine.async_engine import AsyncLLMEngine, GenerateRequest
 from kiln_ray.engine.engine import LLMEngine
 from kiln_ray.engine.outbox import Outbox
+from kiln_ray.engine.own_thread import in_own_thread
 from kiln_ray.engine.request import RequestOutput
 from kiln_ray.engine_metrics import EngineMetrics
 from kiln_ray.model.lora import LoraWeights
@@ -57,10 +58,12 @@ class KilnEngine:
         replica = serve.get_replica_context()
         self.app_name = replica.app_name or "default"
         self.replica_id = replica.replica_id.unique_id
-        engine = LLMEngine.from_config(cfg)
+        # Torch work off this (event-loop) thread, which lives as long as the replica: an
+        # OpenMP pool left on it would slow every step (kiln_ray/engine/own_thread.py).
+        engine = await in_own_thread(LLMEngine.from_config, cfg)
         # One copy of the base weights per device, mapped by engine and trainer: in the object
         # store on CPU, CUDA IPC handles on a GPU.
-        weights_ref = self._share_weights(engine.model) if cfg.training.enabled else None
+        weights_ref = await in_own_thread(self._share_weights, engine.model) if cfg.training.enabled else None
         metrics = EngineMetrics(ray_metrics=serve_metrics)
         self.engine = AsyncLLMEngine(engine, on_step=metrics.on_step)
         AdapterStore(cfg.adapter_dir)  # make sure the folder exists before a read-only open

@@ -95,6 +95,7 @@ def swap_latency(model_path: Path, swaps: int = 40) -> dict:
     from kiln_ray.config import EngineConfig
     from kiln_ray.engine.async_engine import AsyncLLMEngine, GenerateRequest
     from kiln_ray.engine.engine import LLMEngine
+    from kiln_ray.engine.own_thread import run_in_own_thread
     from kiln_ray.engine.sampling_params import SamplingParams
     from kiln_ray.model.loader import load_model
     from kiln_ray.model.lora import DEFAULT_TARGETS, LoraWeights, lora_sites
@@ -102,15 +103,21 @@ def swap_latency(model_path: Path, swaps: int = 40) -> dict:
     from kiln_ray.training.service import Publication
 
     torch.set_num_threads(2)
-    model = load_model(model_path, torch.bfloat16, "cpu")
-    engine = AsyncLLMEngine(LLMEngine(model, EngineConfig(num_kv_blocks=2048, max_loras=4, max_lora_rank=16)))
+    # Built on a thread that ends, as in the engine replica: no OpenMP pool outlives it beside
+    # the step thread's (kiln_ray/engine/own_thread.py).
+    model = run_in_own_thread(load_model, model_path, torch.bfloat16, "cpu")
+    engine = AsyncLLMEngine(run_in_own_thread(LLMEngine, model, EngineConfig(num_kv_blocks=2048, max_loras=4,
+                                                                                max_lora_rank=16)))
     home = Path(tempfile.mkdtemp())
     AdapterStore(home / "adapters")
     node = ServingNode(engine, AdapterStore(home / "adapters", read_only=True), home / "state", None)
-    g = torch.Generator().manual_seed(0)
-    versions = [LoraWeights(16, 32.0, {k: (torch.randn(16, s.in_features, generator=g) * 0.01,
+    def random_versions():
+        g = torch.Generator().manual_seed(0)
+        return [LoraWeights(16, 32.0, {k: (torch.randn(16, s.in_features, generator=g) * 0.01,
                                            torch.randn(s.out_features, 16, generator=g) * 0.01)
                                        for k, s in lora_sites(model, DEFAULT_TARGETS).items()}) for _ in range(2)]
+
+    versions = run_in_own_thread(random_versions)
 
     async def main():
         await node.start()

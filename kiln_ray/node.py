@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Protocol
 
 from kiln_ray.adapters.archive import export_tar
-from kiln_ray.adapters.store import AdapterNotFound, AdapterStore
+from kiln_ray.adapters.store import AdapterNotFound, AdapterStore, AdapterVersion
 from kiln_ray.engine.adapter_manager import AdapterNotLoaded, AdapterSlotsFull
 from kiln_ray.engine.async_engine import AsyncLLMEngine, GenerateRequest, OutputSink
+from kiln_ray.engine.own_thread import in_own_thread
 from kiln_ray.engine.request import RequestOutput
 from kiln_ray.engine_metrics import EngineMetrics
 from kiln_ray.model.lora import LoraWeights
@@ -149,8 +150,7 @@ class ServingNode:
         manager = self.engine.engine.adapters
         if version is None and name in manager.current or version is not None and manager.is_resident(name, version):
             return
-        stored = await asyncio.to_thread(self.store.load_version, name, version)  # AdapterNotFound
-        weights = LoraWeights.from_peft(stored.tensors, stored.config)
+        stored, weights = await in_own_thread(self._load_weights, name, version)  # AdapterNotFound
         make_current = stored.version == self.store.current_version(name)
         await self._install(name, stored.version, weights, make_current)
 
@@ -164,17 +164,22 @@ class ServingNode:
         if composed_name in self.engine.engine.adapters.current:
             return composed_name
         weights = [(await self._weights_of(n, v), s) for n, v, s in resolved]
-        await self._install(composed_name, 0, LoraWeights.compose(weights), True)
+        await self._install(composed_name, 0, await in_own_thread(LoraWeights.compose, weights), True)
         return composed_name
 
     async def _weights_of(self, name: str, version: int) -> LoraWeights:
         key = (name, version)
         if key not in self._weights:
-            stored = await asyncio.to_thread(self.store.load_version, name, version)
-            self._weights[key] = LoraWeights.from_peft(stored.tensors, stored.config)
+            _, self._weights[key] = await in_own_thread(self._load_weights, name, version)
             while len(self._weights) > 16:
                 self._weights.popitem(last=False)
         return self._weights[key]
+
+    def _load_weights(self, name: str, version: int | None) -> tuple[AdapterVersion, LoraWeights]:
+        """Read a version from the store and build its weights (torch work: run it through
+        `in_own_thread`, see kiln_ray/engine/own_thread.py)."""
+        stored = self.store.load_version(name, version)
+        return stored, LoraWeights.from_peft(stored.tensors, stored.config)
 
     async def _install(self, name: str, version: int, weights: LoraWeights, make_current: bool) -> None:
         """Copy into a free slot beside the running steps, then flip between two steps (the
@@ -340,19 +345,19 @@ class LocalTraining:
         return self.service.cancel(job_id)
 
     async def rollback(self, name: str, version: int) -> int:
-        return await asyncio.to_thread(self.service.rollback, name, version)
+        return await in_own_thread(self.service.rollback, name, version)
 
     async def delete(self, name: str) -> None:
-        await asyncio.to_thread(self.service.delete, name)
+        await in_own_thread(self.service.delete, name)
 
     async def retire(self, name: str) -> None:
-        await asyncio.to_thread(self.service.retire, name)
+        await in_own_thread(self.service.retire, name)
 
     async def import_archive(self, name: str, data: bytes, activate: bool) -> int:
-        return await asyncio.to_thread(self.service.import_archive, name, data, activate)
+        return await in_own_thread(self.service.import_archive, name, data, activate)
 
     async def merge(self, name: str, sources: list[tuple[str, int | None, float]], method: str, density: float) -> int:
-        return await asyncio.to_thread(self.service.merge, name, sources, method, density)
+        return await in_own_thread(self.service.merge, name, sources, method, density)
 
     async def metric_families(self) -> list:
         return self.service.metrics.families()

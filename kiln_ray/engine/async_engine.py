@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kiln_ray.engine.engine import EngineStats, LLMEngine
+from kiln_ray.engine.own_thread import in_own_thread
 from kiln_ray.engine.request import RequestOutput
 from kiln_ray.engine.sampling_params import SamplingParams
 from kiln_ray.model.lora import LoraWeights
@@ -170,14 +171,14 @@ class AsyncLLMEngine:
 
     async def load_adapter(self, name: str, version: int, weights: LoraWeights, make_current: bool = True) -> None:
         """The hot swap without stalling decoding (DESIGN §3): a slot is reserved between two
-        steps, the tensors are copied into it on a worker thread while steps go on, and
+        steps, the tensors are copied into it on a thread of their own while steps go on, and
         `name -> slot` flips between two later steps. Requests admitted before the flip run
         on the old version. Raises what LLMEngine.reserve_adapter_slot raises."""
         fill = await self.call(LLMEngine.reserve_adapter_slot, name, version, weights, make_current)
         if fill is None:  # resident already
             return
         loop = asyncio.get_running_loop()
-        copy = loop.run_in_executor(None, self.engine.fill_adapter_slot, fill, weights)
+        copy = in_own_thread(self.engine.fill_adapter_slot, fill, weights)  # no lasting OpenMP pool
         try:
             await asyncio.shield(copy)
         except BaseException:
