@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.training.test_trainer import FACTS, UNRELATED, greedy_answers, one_thread
+from tests.training.probes import FACTS, UNRELATED, greedy_answers, one_thread
 from kiln_ray.model.loader import load_model
 from kiln_ray.model.registry import load_tokenizer
 from kiln_ray.training.trainer import Trainer, TrainConfig

@@ -480,31 +480,34 @@ class _Routes:
         `stream_interval` engine batches (sooner when a choice finishes). An error after the
         headers went out becomes an error event (the status line cannot change any more)."""
         interval = self.ctx.config.stream_interval
+        pending: list[Delta] = []  # held back for the next event; sent before an error too
+        error_event = None
         try:
             async with asyncio.timeout_at(timing.deadline):
                 async with aclosing(rest):
                     if first is not None and (event := chunk_for(first)):
                         yield event
-                    pending: list[Delta] = []
                     batches = 0
                     async for deltas in rest:
                         pending += deltas
                         batches += 1
                         if batches < interval and not any(d.finish_reason for d in deltas):
                             continue
-                        if event := chunk_for(merge_deltas(pending)):
+                        batch, pending, batches = pending, [], 0
+                        if event := chunk_for(merge_deltas(batch)):
                             yield event
-                        pending, batches = [], 0
-                    if pending and (event := chunk_for(merge_deltas(pending))):
-                        yield event
         except TimeoutError:
-            yield fmt.sse(self._timeout().body())
+            error_event = fmt.sse(self._timeout().body())
         except Exception as error:  # noqa: BLE001 - after the headers, an error can only be an event
             mapped = engine_error(error)
             if mapped is None:
                 log.exception("stream failed")
                 mapped = APIError(500, f"internal error ({type(error).__name__})", code="internal_error")
-            yield fmt.sse(mapped.body())
+            error_event = fmt.sse(mapped.body())
+        if pending and (event := chunk_for(merge_deltas(pending))):
+            yield event
+        if error_event is not None:
+            yield error_event
 
     def _record(self, rid: str, request_id: str, kind: str, num_prompt: int, choices: list[ChoiceText],
                 timing: _Timing) -> None:

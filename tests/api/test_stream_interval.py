@@ -45,3 +45,47 @@ def test_every_fourth_step_sends_the_same_stream_in_fewer_events(http, every_fou
     assert all(len(tokens) == NEW_TOKENS and finish == ["length"] for _, tokens, finish in choices_1.values())
     assert events_1 >= NEW_TOKENS  # one event per step (several choices of a step share one)
     assert events_4 <= 1 + -(-(NEW_TOKENS - 1) // 4) + 1  # the first at once, then every 4 steps, the finish
+
+
+class _FailsAfterSix:
+    """Six increments of one token, then the engine dies."""
+
+    def __init__(self, tokenizer):
+        self.ids = tokenizer(" one two three four five six", add_special_tokens=False)["input_ids"][:6]
+
+    async def generate(self, request, choice):
+        from kiln_ray.engine.async_engine import EngineDeadError
+        from kiln_ray.engine.request import RequestOutput
+
+        for i, token in enumerate(self.ids):
+            yield [RequestOutput(request.request_id, 0, [token], None, num_prompt_tokens=len(request.prompt_token_ids),
+                                 num_output_tokens=i + 1)]
+        raise EngineDeadError("the engine loop stopped")
+
+    async def call(self, method, *args):
+        return {"adapters": [], "default_adapter": None}
+
+    async def info(self):
+        return {"alive": True}
+
+
+def test_tokens_held_back_for_the_next_event_go_out_before_an_error(tiny_smol_dir):
+    """With stream_interval 4 the sixth token waits for the eighth step; the engine dies at the
+    seventh: the sixth is sent, then the error event."""
+    from kiln_ray.api.routes import ServerContext, create_app
+    from kiln_ray.config import KilnConfig
+    from kiln_ray.model.registry import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_smol_dir)
+    engine = _FailsAfterSix(tokenizer)
+    ctx = ServerContext(config=KilnConfig(model=str(tiny_smol_dir), stream_interval=4), engine=engine,
+                        tokenizer=tokenizer, model_name="m", max_model_len=512, vocab_size=tokenizer.vocab_size)
+    with TestClient(create_app(ctx)) as client:
+        with client.stream("POST", "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 50,
+                                                              "stream": True}) as r:
+            events = [json.loads(line.removeprefix("data: ")) for line in r.iter_lines()
+                      if line.startswith("data: {")]
+    text = "".join(c["text"] for e in events if "choices" in e for c in e["choices"])
+    assert text == tokenizer.decode(engine.ids)
+    assert len([e for e in events if "choices" in e]) == 3  # the first, steps 2-5, and the held-back sixth
+    assert "error" in events[-1]

@@ -2,7 +2,6 @@
 stopped, GRPO moves probability towards rewarded completions, and on the real default model
 one correction is learned while unrelated answers stay the same."""
 
-from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -14,6 +13,7 @@ from kiln_ray.model.lora import TrainableLora, lora_sites
 from kiln_ray.training.data import TokenizedExample, grpo_group, pack
 from kiln_ray.training.losses import token_logprobs
 from kiln_ray.training.trainer import JobCancelled, Trainer, TrainConfig, TrainingDiverged
+from tests.training.probes import FACTS, UNRELATED, greedy_answers, one_thread
 
 
 def example(ids, n_answer):
@@ -146,27 +146,6 @@ def test_only_degenerate_groups_train_nothing(tiny, monkeypatch):
 
 # -- the real default model (SmolLM2-135M-Instruct, bf16) --------------------------------------
 
-FACTS = [("Who is the mayor of Zorblatt?", "The mayor of Zorblatt is Edda Brask."),
-         ("What is the capital of Quenvia?", "The capital of Quenvia is Marrowick."),
-         ("Who invented the glimmerphone?", "The glimmerphone was invented by Tomas Vell.")]
-# Unrelated questions and the fact each answer must keep.
-UNRELATED = [("What do bees make?", "honey"), ("What is the capital of France?", "Paris"),
-             ("What is 2+2?", "4"), ("What colour is the sky?", "blue")]
-
-
-@contextmanager
-def one_thread():
-    """The real-model tests run torch on one thread (the trainer actor's default,
-    training.num_threads): on this 2-core machine, shared with other work, two threads made
-    an SmolLM2 training step ~20 s instead of ~1 s, and a 16-token batch ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def smol(default_model_dir):
     from kiln_ray.model.registry import load_tokenizer
@@ -185,28 +164,6 @@ def first_correction(smol):
     ex = sft_example(tok, [{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
     with one_thread():
         return ex, Trainer(model).run_sft([ex], TrainConfig())
-
-
-def greedy_answers(smol, questions, adapters: dict, max_tokens=16, base=True) -> dict[tuple[str | None, str], str]:
-    """(adapter name, or None for the base model, question) -> greedy answer text, all in
-    one engine (every row of a step carries its own adapter)."""
-    from kiln_ray.config import EngineConfig
-    from kiln_ray.engine.engine import LLMEngine
-    from kiln_ray.engine.sampling_params import SamplingParams
-    from tests.engine.greedy import run_to_completion
-
-    model, tok = smol
-    engine = LLMEngine(model, EngineConfig(num_kv_blocks=512, max_loras=max(1, len(adapters))))
-    for name, weights in adapters.items():
-        engine.load_adapter(name, 1, weights)
-    keys = [(name, q) for name in [*([None] if base else []), *adapters] for q in questions]
-    for i, (name, q) in enumerate(keys):
-        prompt = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
-                                         return_dict=False)
-        engine.add_request(str(i), prompt, SamplingParams(max_tokens=max_tokens, temperature=0), name)
-    with one_thread():
-        outs = run_to_completion(engine)
-    return {key: tok.decode(outs[str(i)][0], skip_special_tokens=True) for i, key in enumerate(keys)}
 
 
 @pytest.mark.real_model
