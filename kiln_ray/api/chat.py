@@ -326,16 +326,23 @@ def _partial_prefix_len(text: str, patterns: tuple[str, ...]) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def forced_call_prefix(forced: str | bool) -> str:
+@dataclass(frozen=True)
+class ForcedCall:
+    """A tool call the reply must open with: of function `name`, or of any (None)."""
+
+    name: str | None = None
+
+
+def forced_call_prefix(forced: ForcedCall | None) -> str:
     """The text a reply is made to start with so that it opens a tool call (appended to the
     prompt after the generation prompt, then fed to the tool-call parser before the model's
     text): the open tag and, for a named function, its name up to the arguments. The model
-    writes the rest (for `True`, the function's name too)."""
-    if forced is False:
+    writes the rest (for any function, its name too)."""
+    if forced is None:
         return ""
-    if forced is True:
+    if forced.name is None:
         return f'{TOOL_CALL_OPEN}\n{{"name": "'
-    return f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(forced, ensure_ascii=False)}, "arguments": '
+    return f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(forced.name, ensure_ascii=False)}, "arguments": '
 
 
 def _new_call_id() -> str:

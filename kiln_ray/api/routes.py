@@ -165,7 +165,7 @@ class _Routes:
         use_tools = offered is not None
         tools = [t.model_dump(exclude_none=True) for t in offered] if use_tools else None
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        forced = forced_call_prefix(body.forced_tool)  # "required" / a named function: the reply opens a call
+        forced = forced_call_prefix(body.forced_call)  # "required" / a named function: the reply opens a call
         prompt = self._render(messages, tools, body.chat_template_kwargs)
         prompt += self.tok.encode(forced, add_special_tokens=False) if forced else []
         logprobs = (body.top_logprobs or 0) if body.logprobs else None

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kiln_ray.api.chat import ForcedCall
+
 MAX_N = 16
 MAX_BATCH_COMPLETIONS = 64
 _TOKEN_ID = re.compile(r"-?[0-9]{1,18}")  # ASCII digits only: str.isdigit() also takes "²", which int() refuses
@@ -163,17 +165,16 @@ class ChatCompletionRequest(SamplingFields):
         return list(self.tools)
 
     @property
-    def forced_tool(self) -> str | bool:
-        """What the reply is made to start with: the name of the function it must call (a named
-        tool_choice, or "required" with one tool), True for a call to any offered function
-        ("required"), False for none forced."""
+    def forced_call(self) -> ForcedCall | None:
+        """The call the reply is made to start with: of a named function (a named tool_choice,
+        or "required" with one tool), of any offered function ("required"), or None."""
         if not self.tools:
-            return False
+            return None
         if isinstance(self.tool_choice, NamedToolChoice):
-            return self.tool_choice.function["name"]
+            return ForcedCall(self.tool_choice.function["name"])
         if self.tool_choice == "required":
-            return self.tools[0].function.name if len(self.tools) == 1 else True
-        return False
+            return ForcedCall(self.tools[0].function.name if len(self.tools) == 1 else None)
+        return None
 
     @property
     def single_tool_call(self) -> bool:

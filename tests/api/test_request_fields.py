@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from kiln_ray.api.chat import forced_call_prefix, render_chat
+from kiln_ray.api.chat import ForcedCall, forced_call_prefix, render_chat
 from tests.api.server import MODEL_NAME
 
 CHAT = [{"role": "user", "content": "Say something."}]
@@ -87,7 +87,7 @@ TIME = {"type": "function", "function": {"name": "get_time", "description": "Cur
 ], ids=["auto", "none", "named"])
 def test_tool_choice_decides_which_tools_the_prompt_offers(sdk, tokenizer, tool_choice, offered):
     resp = chat(sdk, max_tokens=1, tools=[WEATHER, TIME], tool_choice=tool_choice)
-    forced = forced_call_prefix("get_time" if isinstance(tool_choice, dict) else False)  # a named call is opened
+    forced = forced_call_prefix(ForcedCall("get_time") if isinstance(tool_choice, dict) else None)  # a named call is opened
     forced_ids = tokenizer.encode(forced, add_special_tokens=False) if forced else []
     assert resp.usage.prompt_tokens == len(render_chat(tokenizer, CHAT, offered)) + len(forced_ids)
     lengths = {len(render_chat(tokenizer, CHAT, tools)) for tools in ([WEATHER, TIME], None, [TIME])}
