@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kiln_ray.engine.engine import EngineStats, LLMEngine
-from kiln_ray.engine.own_thread import in_own_thread
+from kiln_ray.engine.own_thread import in_own_thread, settle
 from kiln_ray.engine.request import RequestOutput
 from kiln_ray.engine.sampling_params import SamplingParams
 from kiln_ray.model.lora import LoraWeights
@@ -253,7 +253,7 @@ class AsyncLLMEngine:
                     result, error = fn(self.engine, *args), None
                 except Exception as exc:  # noqa: BLE001 - handed to the caller
                     result, error = None, exc
-                _call_soon(loop, _resolve, done, result, error)
+                _call_soon(loop, settle, done, result, error)
                 continue
             if command[0] == "add":
                 _, request, sink, added = command
@@ -263,9 +263,9 @@ class AsyncLLMEngine:
                         request.adapter, request.adapter_version,
                     )
                 except Exception as error:  # noqa: BLE001 - handed to the caller
-                    _call_soon(sink.loop, _resolve, added, None, error)
+                    _call_soon(sink.loop, settle, added, None, error)
                     continue
-                if _call_soon(sink.loop, _resolve, added, None, None):
+                if _call_soon(sink.loop, settle, added, None, None):
                     self._streams[request.request_id] = sink
                 else:  # the caller's event loop is gone: nobody will read this
                     self.engine.abort(request.request_id)
@@ -297,9 +297,9 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return
             if command[0] == "add":
-                _call_soon(command[2].loop, _resolve, command[3], None, error)
+                _call_soon(command[2].loop, settle, command[3], None, error)
             elif command[0] == "call":
-                _call_soon(command[3], _resolve, command[4], None, error)
+                _call_soon(command[3], settle, command[4], None, error)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
@@ -310,13 +310,3 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
         return True
     except RuntimeError:
         return False
-
-
-def _resolve(future: asyncio.Future, result, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is None:
-        future.set_result(result)
-    else:
-        future.set_exception(error)
-

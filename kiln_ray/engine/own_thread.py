@@ -30,26 +30,28 @@ def in_own_thread(fn: Callable[..., T], *args) -> asyncio.Future[T]:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = loop.create_future()
 
-    def settle(result, error: BaseException | None) -> None:
-        if done.cancelled():
-            return
-        if error is None:
-            done.set_result(result)
-        else:
-            done.set_exception(error)
-
     def target() -> None:
         try:
             result, error = fn(*args), None
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
             result, error = None, exc
         try:
-            loop.call_soon_threadsafe(settle, result, error)
+            loop.call_soon_threadsafe(settle, done, result, error)
         except RuntimeError:  # the caller's loop has closed: nobody waits any more
             pass
 
     threading.Thread(target=target, name=f"kiln-{getattr(fn, '__name__', 'work')}", daemon=True).start()
     return done
+
+
+def settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    """Resolve `future` with a result or an error, unless its waiter gave up (on its loop)."""
+    if future.cancelled():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
 
 
 def run_in_own_thread(fn: Callable[..., T], *args) -> T:
