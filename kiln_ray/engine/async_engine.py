@@ -34,6 +34,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
 from kiln_ray.engine.engine import EngineStats, LLMEngine
 from kiln_ray.engine.own_thread import in_own_thread, settle
 from kiln_ray.engine.request import RequestOutput
@@ -214,6 +216,10 @@ class AsyncLLMEngine:
     # -- loop thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        # Per thread (the CPU's control register), inherited only by threads started later:
+        # set here, where the steps and their OpenMP workers run, whichever thread built the
+        # engine. Strongly decaying linear-attention heads underflow into slow denormals.
+        torch.set_flush_denormal(True)
         try:
             while not self._stop:
                 self._wakeup.clear()

@@ -279,3 +279,21 @@ def test_load_adapter_copies_while_the_loop_steps_then_flips(tiny_model_dirs, mo
         release.set()
         eng.shutdown()
     assert before == old and after == new
+
+
+def test_the_step_thread_flushes_denormals_whichever_thread_built_the_engine(tiny_model_dirs):
+    """The flag is per thread: an engine built on a thread that has ended (as in the Serve
+    replica, kiln_ray/engine/own_thread.py) still steps with denormals flushed."""
+    from kiln_ray.engine.own_thread import run_in_own_thread
+
+    def build():
+        torch.set_flush_denormal(True)  # what LLMEngine.from_config does, on the building thread
+        model = load_model(tiny_model_dirs["llama"][0], torch.float32, "cpu")
+        return LLMEngine(model, EngineConfig(block_size=4, num_kv_blocks=64))
+
+    eng = AsyncLLMEngine(run_in_own_thread(build))
+    try:
+        tiny = asyncio.run(eng.call(lambda _: (torch.tensor([1e-39]) * 1.0).item()))
+    finally:
+        eng.shutdown()
+    assert tiny == 0.0
