@@ -91,6 +91,10 @@ class ServingNode:
         self.default_adapter: str | None = None
         self._weights: OrderedDict[tuple[str, int], LoraWeights] = OrderedDict()  # small LRU for compositions
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Adapter reads and builds at once: each takes a thread (and, for its torch work, an
+        # OpenMP pool beside the step thread's), so a burst of requests for an adapter not
+        # yet resident queues here instead of starting one per request.
+        self._builds = asyncio.Semaphore(2)
 
     async def start(self) -> None:
         """Serve what survived a restart: every stored adapter's current version (as many as
@@ -150,7 +154,7 @@ class ServingNode:
         manager = self.engine.engine.adapters
         if version is None and name in manager.current or version is not None and manager.is_resident(name, version):
             return
-        stored, weights = await in_own_thread(self._load_weights, name, version)  # AdapterNotFound
+        stored, weights = await self._build(self._load_weights, name, version)  # AdapterNotFound
         make_current = stored.version == self.store.current_version(name)
         await self._install(name, stored.version, weights, make_current)
 
@@ -164,20 +168,25 @@ class ServingNode:
         if composed_name in self.engine.engine.adapters.current:
             return composed_name
         weights = [(await self._weights_of(n, v), s) for n, v, s in resolved]
-        await self._install(composed_name, 0, await in_own_thread(LoraWeights.compose, weights), True)
+        await self._install(composed_name, 0, await self._build(LoraWeights.compose, weights), True)
         return composed_name
 
     async def _weights_of(self, name: str, version: int) -> LoraWeights:
         key = (name, version)
         if key not in self._weights:
-            _, self._weights[key] = await in_own_thread(self._load_weights, name, version)
+            _, self._weights[key] = await self._build(self._load_weights, name, version)
             while len(self._weights) > 16:
                 self._weights.popitem(last=False)
         return self._weights[key]
 
+    async def _build(self, fn, *args):
+        """fn(*args), torch work for an adapter, on a thread of its own (see
+        kiln_ray/engine/own_thread.py), two at a time."""
+        async with self._builds:
+            return await in_own_thread(fn, *args)
+
     def _load_weights(self, name: str, version: int | None) -> tuple[AdapterVersion, LoraWeights]:
-        """Read a version from the store and build its weights (torch work: run it through
-        `in_own_thread`, see kiln_ray/engine/own_thread.py)."""
+        """Read a version from the store and build its weights (through `_build`)."""
         stored = self.store.load_version(name, version)
         return stored, LoraWeights.from_peft(stored.tensors, stored.config)
 

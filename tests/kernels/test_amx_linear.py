@@ -63,7 +63,7 @@ def test_amx_linear_matches_fp32_math(tokens, k, n, bias):
 
 @needs_amx
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
-@pytest.mark.parametrize("tokens, n", [(1, 37), (1, 3072), (17, 960), (300, 576)])
+@pytest.mark.parametrize("tokens, n", [(1, 37), (1, 133), (17, 133), (1, 3072), (17, 960), (300, 576)])
 def test_amx_linear_hands_out_every_row_block_once_whatever_the_thread_count(threads, tokens, n):
     """Row tiles go to the threads in blocks claimed on the fly: with any number of threads,
     more threads than blocks included, every output row is written once and right."""
