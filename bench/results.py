@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+import subprocess
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -91,12 +92,27 @@ def machine(torch_threads: int, torch_version: str, capability: str) -> str:
     return f"{cpu}, {torch_threads} threads, torch {torch_version}, {capability}"
 
 
+def source_commit() -> str | None:
+    """The checkout measured: `git describe`-like "<sha>" or "<sha>+dirty" (uncommitted
+    changes), None outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha + ("+dirty" if dirty else "")
+
+
 def write_report(path: Path, machine_desc: str, command: str, runs: list[Run]) -> None:
-    """Overwrite `path` with the run's JSON (schema: date, machine, command, runs[])."""
+    """Overwrite `path` with the run's JSON (schema: date, machine, command, commit, runs[])."""
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_desc,
         "command": command,
+        "commit": source_commit(),
         "runs": [asdict(r) for r in runs],
     }
     path.write_text(json.dumps(report, indent=2) + "\n")
