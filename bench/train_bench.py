@@ -111,6 +111,7 @@ def swap_latency(model_path: Path, swaps: int = 40) -> dict:
     home = Path(tempfile.mkdtemp())
     AdapterStore(home / "adapters")
     node = ServingNode(engine, AdapterStore(home / "adapters", read_only=True), home / "state", None)
+
     def random_versions():
         g = torch.Generator().manual_seed(0)
         return [LoraWeights(16, 32.0, {k: (torch.randn(16, s.in_features, generator=g) * 0.01,

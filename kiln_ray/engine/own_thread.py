@@ -32,15 +32,11 @@ def in_own_thread(fn: Callable[..., T], *args) -> asyncio.Future[T]:
 
     def target() -> None:
         try:
-            result, error = fn(*args), None
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
-            result, error = None, exc
-        try:
-            loop.call_soon_threadsafe(settle, done, result, error)
+            loop.call_soon_threadsafe(settle, done, *_outcome(fn, args))
         except RuntimeError:  # the caller's loop has closed: nobody waits any more
             pass
 
-    threading.Thread(target=target, name=f"kiln-{getattr(fn, '__name__', 'work')}", daemon=True).start()
+    threading.Thread(target=target, name=_name(fn), daemon=True).start()
     return done
 
 
@@ -57,17 +53,22 @@ def settle(future: asyncio.Future, result, error: BaseException | None) -> None:
 def run_in_own_thread(fn: Callable[..., T], *args) -> T:
     """fn(*args) on a new thread, waited for (the synchronous form, for scripts and tests)."""
     box: list = []
-
-    def target() -> None:
-        try:
-            box.append((fn(*args), None))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            box.append((None, exc))
-
-    thread = threading.Thread(target=target, name=f"kiln-{getattr(fn, '__name__', 'work')}", daemon=True)
+    thread = threading.Thread(target=lambda: box.append(_outcome(fn, args)), name=_name(fn), daemon=True)
     thread.start()
     thread.join()
     result, error = box[0]
     if error is not None:
         raise error
     return result
+
+
+def _outcome(fn: Callable, args: tuple) -> tuple:
+    """(result, None) or (None, the exception fn(*args) raised)."""
+    try:
+        return fn(*args), None
+    except BaseException as exc:  # noqa: BLE001 - handed to the caller
+        return None, exc
+
+
+def _name(fn: Callable) -> str:
+    return f"kiln-{getattr(fn, '__name__', 'work')}"
