@@ -52,9 +52,12 @@ serve: model
 
 # Peers (vLLM CPU, llama.cpp, a bf16 GGUF) install once into bench/.peers/; BENCH_ARGS picks a
 # subset, e.g. make bench BENCH_ARGS="--systems vllm --concurrency 1,8 --prompt-tokens 128 --reps 1".
+# Then the Qwen3.5 hybrid (bench/hybrid_model.py) on kiln-ray and vLLM (BENCH_HYBRID_ARGS;
+# BENCH_HYBRID_ARGS=skip skips it).
 bench: model
 	bash bench/install_peers.sh $(PY)
 	$(PY) bench/run.py $(BENCH_ARGS)
+	$(if $(filter skip,$(BENCH_HYBRID_ARGS)),,$(PY) bench/run.py --model qwen3_5-hybrid --systems kiln-ray-engine,kiln-ray,vllm $(BENCH_HYBRID_ARGS))
 
 info: setup
 	$(VENV)/bin/kiln-ray info

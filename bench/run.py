@@ -11,7 +11,9 @@ Systems (`--systems`, default all, run in this order, one at a time):
                    (`--transformers-attn`)
 
     make bench                        # installs the peers (bench/install_peers.sh), full run
-                                      # (~22 min on the quiet 2-core dev machine)
+                                      # (~22 min on the quiet 2-core dev machine), then the
+                                      # Qwen3.5 hybrid run below
+    .venv/bin/python bench/run.py --model qwen3_5-hybrid --systems kiln-ray-engine,kiln-ray,vllm
     .venv/bin/python bench/run.py --systems vllm --concurrency 1,8 --prompt-tokens 128 --reps 1
 
 Each (system, prompt length, concurrency) runs one short warm-up wave (`--warmup-tokens` new
@@ -19,6 +21,11 @@ tokens) and then `--reps` waves of `concurrency` requests sent at once; the repo
 the median by throughput. The HTTP servers are driven by one load generator (bench/loadgen.py)
 and are started, measured and stopped in turn. Writes bench/results.json (overwritten),
 bench/throughput.png, and prints the table with kiln-ray / peer ratios last.
+
+`--model qwen3_5-hybrid` measures a Qwen3.5 gated-delta-net hybrid of SmolLM2's size with
+random weights (bench/hybrid_model.py builds it once) and writes bench/results-hybrid.json
+and bench/throughput-hybrid.png instead. llama.cpp is not run on it (no GGUF of the hybrid
+is built); `make bench` runs kiln-ray and vLLM on it.
 """
 
 from __future__ import annotations
@@ -37,11 +44,15 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
+import hybrid_model  # noqa: E402
 import servers  # noqa: E402
 from inprocess import run_engine, run_transformers  # noqa: E402
 from loadgen import LoadGenerator  # noqa: E402
 from prompts import PromptBuilder  # noqa: E402
 from results import SYSTEMS, Run, format_table, machine, median_run, write_report  # noqa: E402
+
+
+HYBRID = "qwen3_5-hybrid"
 
 
 def csv_list(kind):
@@ -58,7 +69,8 @@ def parse_args(argv):
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", "--repeats", type=int, default=2, help="measured waves per configuration")
     ap.add_argument("--warmup-tokens", type=int, default=16, help="new tokens of the warm-up wave")
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", default="default",
+                    help=f"a kiln-ray model spec (default: the embedded default), or {HYBRID!r}")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the in-process systems")
     ap.add_argument("--llama-threads", type=int, nargs="+", default=[2],
@@ -72,9 +84,12 @@ def parse_args(argv):
                     help="VLLM_CPU_OMP_THREADS_BIND; several: each is run, the best kept per configuration "
                          "(auto: 1 OpenMP thread, 1 core kept for its front end; 0-1: both cores; nobind)")
     ap.add_argument("--vllm-kv-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
-    ap.add_argument("--out", type=Path, default=BENCH / "results.json")
-    ap.add_argument("--plot", type=Path, default=BENCH / "throughput.png")
+    ap.add_argument("--out", type=Path, help="default bench/results.json (results-hybrid.json for the hybrid)")
+    ap.add_argument("--plot", type=Path, help="default bench/throughput.png (throughput-hybrid.png)")
     args = ap.parse_args(argv)
+    suffix = "-hybrid" if args.model == HYBRID else ""
+    args.out = args.out or BENCH / f"results{suffix}.json"
+    args.plot = args.plot or BENCH / f"throughput{suffix}.png"
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         ap.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
@@ -220,8 +235,11 @@ def main(argv=None) -> int:
     from kiln_ray.model.registry import resolve_model_path
     from transformers import AutoTokenizer
 
-    cfg = KilnConfig(model=args.model)
-    model_dir = Path(resolve_model_path(cfg.model, cfg.home))
+    if args.model == HYBRID:
+        model_dir = hybrid_model.build()
+    else:
+        cfg = KilnConfig(model=args.model)
+        model_dir = Path(resolve_model_path(cfg.model, cfg.home))
     bench = Bench(args, model_dir, AutoTokenizer.from_pretrained(model_dir))
 
     runs: list[Run] = []
@@ -229,6 +247,9 @@ def main(argv=None) -> int:
         if system not in args.systems:
             continue
         tqdm.write(f"== {system}")
+        if system == "llama.cpp" and args.model == HYBRID:
+            tqdm.write("   not run: no GGUF of the random-weight hybrid is built")
+            continue
         t0 = time.perf_counter()
         if system == "kiln-ray-engine":
             runs += bench.engine()

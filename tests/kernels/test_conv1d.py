@@ -1,5 +1,6 @@
-"""Causal depthwise conv1d with carried state: the fast path, the decode step and transformers'
-Qwen3.5 functions all agree with the per-token reference loop."""
+"""Causal depthwise conv1d with carried state: the fast path, the C kernels (prefill, and the
+decode step in place in a state pool), the decode step and transformers' Qwen3.5 functions all
+agree with the per-token reference loop; gradients flow through the prefill form."""
 
 from dataclasses import dataclass
 
@@ -7,7 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.conv1d import causal_conv1d, causal_conv1d_update, naive_causal_conv1d
+from kernels.conv1d import (
+    causal_conv1d,
+    causal_conv1d_cpu,
+    causal_conv1d_update,
+    conv1d_decode,
+    conv1d_decode_cpu,
+    naive_causal_conv1d,
+)
 from tests.helpers import rel_rms
 
 FP32_TOL = 1e-6
@@ -191,3 +199,59 @@ def test_update_matches_transformers_causal_conv1d_update(shape, dtype):
         assert rel_rms(out, expected) < tolerance(dtype)
         newest = hf_state[..., hf_state.shape[-1] - state.shape[-1] :]
         torch.testing.assert_close(state, newest, rtol=0, atol=0)
+
+
+# --- the C kernels (kernels/csrc/linear_attention.c) ------------------------------------------
+
+
+def strided(x: torch.Tensor) -> torch.Tensor:
+    """The same values as a row-strided view, as the model passes a slice of a fused projection."""
+    wide = torch.zeros(x.shape[0], x.shape[1] + 7, dtype=x.dtype)
+    wide[:, 3 : 3 + x.shape[1]] = x
+    return wide[:, 3 : 3 + x.shape[1]]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("with_state", WITH_STATE)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [*SHAPE_PARAMS, pytest.param(Shape((0, 3, 0), 300, 4), id="empty-seqs-C300")])
+def test_cpu_prefill_matches_naive(shape, dtype, with_state, activation):
+    inputs = make_inputs(shape, dtype, with_state)
+    expected_out, expected_state = naive_causal_conv1d(
+        inputs.x, inputs.weight, inputs.cu_seqlens, inputs.initial_state, activation
+    )
+    with torch.inference_mode():  # the C path runs without autograd only
+        out, state = causal_conv1d_cpu(strided(inputs.x), inputs.weight, inputs.cu_seqlens, inputs.initial_state, activation)
+    assert out.dtype == dtype and out.shape == inputs.x.shape
+    assert rel_rms(out, expected_out) < tolerance(dtype)
+    torch.testing.assert_close(state, expected_state, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel_width", [1, 2, 4])
+def test_cpu_decode_updates_only_its_slots_in_the_pool(dtype, kernel_width):
+    gen = torch.Generator().manual_seed(3)
+    channels, num_slots = 40, 9
+    x = torch.randn(4, channels, generator=gen).to(dtype)
+    weight = torch.randn(channels, kernel_width, generator=gen).to(dtype)
+    pool = torch.randn(num_slots, channels, kernel_width - 1, generator=gen).to(dtype)
+    slots = torch.tensor([7, 0, 3, 5])
+    expected_pool = pool.clone()
+    expected = conv1d_decode(x, weight, expected_pool, slots)
+    with torch.inference_mode():
+        out = conv1d_decode_cpu(strided(x), weight, pool, slots)
+    assert rel_rms(out, expected) < tolerance(dtype)
+    torch.testing.assert_close(pool, expected_pool, rtol=0, atol=0)  # moved inputs, no arithmetic
+
+
+def test_prefill_gradients_match_naive():
+    """Training runs the prefill form under autograd (LoRA on the projections feeding it)."""
+    inputs = make_inputs(Shape((33, 1, 0, 70), 24, 4), torch.float32, with_state=True)
+    grads = []
+    for conv in (naive_causal_conv1d, causal_conv1d):
+        x, weight, state = (t.clone().requires_grad_() for t in (inputs.x, inputs.weight, inputs.initial_state))
+        out, final = conv(x, weight, inputs.cu_seqlens, state)
+        (out.sin().sum() + final.cos().sum()).backward()
+        grads.append([x.grad, weight.grad, state.grad])
+    for fast, reference in zip(*grads):  # float32 sums in another order
+        torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)

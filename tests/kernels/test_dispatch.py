@@ -73,7 +73,7 @@ def test_cpu_never_picks_fla_or_flash_attn_even_when_they_import(mode, dtype):
     kernels = select_kernels("cpu", mode, dtype, block_size=256)
     assert "fla" not in kernels.name and "flash" not in kernels.name
     assert kernels.chunk_gated_delta_rule is gated_delta.chunk_gated_delta_rule
-    assert kernels.recurrent_gated_delta_rule is gated_delta.recurrent_gated_delta_rule
+    assert kernels.gated_delta_decode in (gated_delta.gated_delta_decode, gated_delta.gated_delta_decode_cpu)
     assert kernels.paged_attention in (attention.paged_attention, attention.paged_attention_cpu)
 
 
@@ -82,7 +82,7 @@ def test_cuda_picks_fla_and_flash_attn_when_they_import():
     kernels = select_kernels(CUDA, "auto", torch.bfloat16, block_size=256)
     assert kernels.name == "cuda+flash-attn+fla"
     assert kernels.chunk_gated_delta_rule is gated_delta.fla_chunk_gated_delta_rule
-    assert kernels.recurrent_gated_delta_rule is gated_delta.fla_recurrent_gated_delta_rule
+    assert kernels.gated_delta_decode is gated_delta.fla_gated_delta_decode
     assert kernels.paged_attention is attention.flash_paged_attention
     # fla's chunk kernel rejects fp32, flash-attn's paged path needs 256-token pages.
     assert select_kernels(CUDA, "auto", torch.float32, block_size=256).name == "cuda"

@@ -1,5 +1,6 @@
-"""The gated delta rule: chunked prefill, recurrent decode and transformers' Qwen3.5 code all
-agree with the per-token reference loop."""
+"""The gated delta rule: chunked prefill (also its gradients), recurrent decode (also the C
+kernel updating states in place in a pool) and transformers' Qwen3.5 code all agree with the
+per-token reference loop."""
 
 import functools
 from dataclasses import dataclass, replace
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 
 from kernels.gated_delta import (
     chunk_gated_delta_rule,
+    gated_delta_decode,
+    gated_delta_decode_cpu,
     naive_gated_delta_rule,
     recurrent_gated_delta_rule,
 )
@@ -211,6 +214,74 @@ def test_recurrent_does_not_mutate_state():
     )
     torch.testing.assert_close(state, inputs.initial_state, rtol=0, atol=0)
     assert new_state.data_ptr() != state.data_ptr()
+
+
+def test_chunk_matches_naive_when_decays_underflow():
+    """Fast-forgetting heads: cumulative log-decays far below -80 within a chunk, where the
+    chunked form clamps its exponents (exp(-80) ~ 2e-35 stands in for 0)."""
+    inputs = make_inputs(SHAPES[3], torch.float32, with_state=True)
+    inputs = replace(inputs, g=inputs.g * 200)
+    expected_out, expected_state = naive_gated_delta_rule(*inputs.args())
+    out, state = chunk_gated_delta_rule(*inputs.args(), chunk_size=CHUNK_SIZE)
+    assert rel_rms(out, expected_out) < FP32_TOL
+    assert rel_rms(state, expected_state) < FP32_TOL
+
+
+def differentiable_reference(q, k, v, g, beta, cu_seqlens, initial_state, scale):
+    """The recurrence token by token through `recurrent_gated_delta_rule`, out of place
+    throughout (the naive loop writes into its buffers, which autograd cannot follow)."""
+    bounds = cu_seqlens.tolist()
+    outs, finals = [], []
+    for seq, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        state = initial_state[seq : seq + 1]
+        for t in range(start, end):
+            step = slice(t, t + 1)
+            out, state = recurrent_gated_delta_rule(q[step], k[step], v[step], g[step], beta[step], state, scale)
+            outs.append(out)
+        finals.append(state)
+    return torch.cat(outs), torch.cat(finals)
+
+
+def test_chunk_gradients_match_a_token_by_token_reference():
+    """Training backpropagates through the chunked form (LoRA on the projections feeding it)."""
+    inputs = make_inputs(Shape((20, 0, 37, 1), 1, 2, 8, 8), torch.float32, with_state=True)
+    grads = []
+    for rule, extra in ((differentiable_reference, {}), (chunk_gated_delta_rule, {"chunk_size": 16})):
+        leaves = [t.clone().requires_grad_() for t in (inputs.q, inputs.k, inputs.v, inputs.g, inputs.beta, inputs.initial_state)]
+        q, k, v, g, beta, state = leaves
+        out, final = rule(q, k, v, g, beta, inputs.cu_seqlens, state, inputs.scale, **extra)
+        (out.sin().sum() + final.cos().sum()).backward()
+        grads.append([t.grad for t in leaves])
+    for name, fast, reference in zip("q k v g beta state".split(), *grads):
+        assert rel_rms(fast, reference) < FP32_TOL, name
+
+
+@pytest.mark.parametrize("qk_dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape", [pytest.param(Shape((1,) * 5, 2, 4, 16, 32), id="gqa"), pytest.param(Shape((1,) * 3, 1, 2, 128, 64), id="qwen3.5-dims")]
+)
+def test_cpu_decode_updates_its_slots_in_place(shape, dtype, qk_dtype):
+    """The C step on states in pool rows `slots` == the torch step on the gathered rows; other
+    rows are untouched. v comes as a view into a wider row (a fused projection's output)."""
+    inputs = make_inputs(shape, dtype, with_state=False)
+    n, hv, dv = inputs.v.shape
+    wide = torch.zeros(n, hv * dv + 5, dtype=dtype)
+    wide[:, 5:] = inputs.v.reshape(n, -1)
+    v = wide[:, 5:].view(n, hv, dv)
+    q, k = inputs.q.to(qk_dtype), inputs.k.to(qk_dtype)
+    pool = torch.randn(n + 4, hv, shape.key_dim, dv, generator=torch.Generator().manual_seed(1))
+    slots = torch.randperm(n + 4, generator=torch.Generator().manual_seed(2))[:n]
+    expected_pool = pool.clone()
+    expected = gated_delta_decode(q, k, v, inputs.g, inputs.beta, expected_pool, slots, inputs.scale)
+    with torch.inference_mode():  # the C path runs without autograd only
+        out = gated_delta_decode_cpu(q, k, v, inputs.g, inputs.beta, pool, slots, inputs.scale)
+    assert out.dtype == dtype
+    assert rel_rms(out, expected) < (FP32_TOL if dtype == torch.float32 else BF16_TOL)
+    assert rel_rms(pool[slots], expected_pool[slots]) < FP32_TOL
+    others = torch.ones(n + 4, dtype=torch.bool)
+    others[slots] = False
+    torch.testing.assert_close(pool[others], expected_pool[others], rtol=0, atol=0)
 
 
 # --- transformers' Qwen3.5 torch implementation -----------------------------------------------

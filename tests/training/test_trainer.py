@@ -39,6 +39,19 @@ def test_sft_loss_falls_and_only_lora_changes(tiny):
     assert any(b.abs().sum() > 0 for _, b in result.weights.modules.values())
 
 
+def test_sft_trains_a_hybrid_model_through_its_linear_attention_layers(tiny_model_dirs):
+    """Qwen3.5 (Kiln's model family): gradients flow back through the gated-delta-net layers'
+    chunked rule and conv, into LoRA on their own projections as well as the MLPs."""
+    from kiln_ray.model.lora import DEFAULT_TARGETS, LINEAR_ATTENTION_TARGETS
+
+    hybrid = load_model(tiny_model_dirs["qwen3_5"][0], torch.float32, "cpu")
+    cfg = replace(CFG, targets=DEFAULT_TARGETS + LINEAR_ATTENTION_TARGETS)
+    result = Trainer(hybrid).run_sft(EXAMPLES, cfg)
+    assert result.losses[-1] < 0.5 * result.losses[0]
+    trained = {name for (_, name), (_, b) in result.weights.modules.items() if b.abs().sum() > 0}
+    assert set(LINEAR_ATTENTION_TARGETS) <= trained, trained
+
+
 @pytest.mark.parametrize("overrides", [{"lora_alpha": 1e30}, {"lora_alpha": 1e308}], ids=["alpha-1e30", "alpha-1e308"])
 def test_a_diverging_job_raises_instead_of_returning_nan_weights(tiny, overrides):
     """A huge lora_alpha (the API accepts any positive number) overflows float32: the job must
