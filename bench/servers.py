@@ -148,7 +148,7 @@ def vllm(model_dir: Path, dtype: str, max_concurrency: int, threads_bind: str, k
         "DO_NOT_TRACK": "1",
     }
     if _architecture(model_dir).startswith("Qwen3_5"):
-        env["PYTHONPATH"] = str(BENCH / "stubs")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH / "stubs"), os.environ.get("PYTHONPATH")]))
     if threads_bind != "auto":
         # The OpenMP threads get all the listed cores; the front end shares them.
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"

@@ -19,7 +19,12 @@ Conventions: x (T, C) packs N sequences along dim 0, split by `cu_seqlens` (N+1,
 weight (C, K); states (N, C, K-1). Arithmetic is float32 whatever the input dtypes (the
 activation is applied before the single rounding); outputs are in x.dtype, and states are in
 x.dtype too (they hold raw inputs, so nothing is lost). Results are fresh tensors; no input is
-mutated.
+mutated, except the pool of the `conv1d_decode*` steps.
+
+Forms: `naive_causal_conv1d` (the reference loop), `causal_conv1d` (one batched conv, also
+under autograd) and `causal_conv1d_cpu` (one C pass) for prefill; `causal_conv1d_update` for
+a decode step on gathered states, and `conv1d_decode(_cpu)` for one on an engine's state pool,
+which it updates IN PLACE.
 """
 
 import torch
@@ -47,11 +52,6 @@ def _start_states(initial_state: Tensor | None, num_seqs: int, x: Tensor, kernel
     return initial_state.to(device=x.device, dtype=torch.float32)
 
 
-def _last_inputs(xpad: Tensor, kernel_width: int) -> Tensor:
-    """The last K-1 entries along the last dim (an empty slice when K == 1)."""
-    return xpad[..., xpad.shape[-1] - (kernel_width - 1) :]
-
-
 def causal_conv1d(
     x: Tensor, weight: Tensor, cu_seqlens: Tensor, initial_state: Tensor | None, activation: str | None = "silu"
 ) -> tuple[Tensor, Tensor]:
@@ -70,6 +70,8 @@ def causal_conv1d(
     num_tokens = x.shape[0]
     num_seqs = cu_seqlens.numel() - 1
     states = _start_states(initial_state, num_seqs, x, kernel_width)  # (N, C, K-1)
+    if num_tokens == 0:
+        return x.new_empty(x.shape), states.to(x.dtype)
     cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
     lengths = cu[1:] - cu[:-1]
     seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=x.device), lengths)  # (T,)
@@ -98,16 +100,18 @@ def causal_conv1d_cpu(
     fn = cpu_ext.function("linear_attention", "conv1d_prefill", _PREFILL_ARGS) if cpu_ext.fast_path_ok(x, weight) else None
     channels, kernel_width = weight.shape
     num_seqs = cu_seqlens.numel() - 1
+    cu = cu_seqlens.to(torch.int64).contiguous()
+    bounds = cu.tolist()
     if (
         fn is None
         or activation not in (None, "silu")
         or x.dtype != weight.dtype
-        or x.stride(1) != 1
+        or x.shape[1] != channels or x.stride(1) != 1
+        or bounds[0] != 0 or bounds[-1] != x.shape[0] or any(a > b for a, b in zip(bounds, bounds[1:]))
         or (initial_state is not None and (initial_state.dtype != x.dtype or initial_state.shape != (num_seqs, channels, kernel_width - 1)))
     ):
         return causal_conv1d(x, weight, cu_seqlens, initial_state, activation)
     state = None if initial_state is None else initial_state.contiguous()
-    cu = cu_seqlens.to(torch.int64).contiguous()
     wt = weight.T.contiguous()  # (K, C): a few KB
     out = x.new_empty(x.shape[0], channels)
     final = x.new_empty(num_seqs, channels, kernel_width - 1)
@@ -147,12 +151,13 @@ def conv1d_decode_cpu(x: Tensor, weight: Tensor, pool: Tensor, slots: Tensor, ac
         fn is None
         or activation not in (None, "silu")
         or not (x.dtype == weight.dtype == pool.dtype)
-        or x.stride(1) != 1
+        or x.shape[1] != channels or x.stride(1) != 1
         or not weight.is_contiguous() or not pool.is_contiguous()
         or pool.shape[1:] != (channels, kernel_width - 1)
-        or slots.dtype != torch.int64 or not slots.is_contiguous()
+        or slots.shape != (x.shape[0],) or slots.dtype != torch.int64 or not slots.is_contiguous()
     ):
         return conv1d_decode(x, weight, pool, slots, activation)
+    cpu_ext.check_slots(slots, pool.shape[0])
     out = x.new_empty(x.shape[0], channels)
     fn(x.data_ptr(), weight.data_ptr(), pool.data_ptr(), slots.data_ptr(), out.data_ptr(), x.shape[0], channels,
        kernel_width, x.stride(0), int(activation == "silu"), int(x.dtype == torch.bfloat16), torch.get_num_threads())

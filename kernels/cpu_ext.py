@@ -1,9 +1,9 @@
 """Small C kernels for the CPU, built once with the system C compiler and loaded with ctypes.
 
 No torch headers are involved (a torch C++ extension takes ~40 s to build; these take ~1 s):
-the C functions take raw pointers to contiguous tensors. The shared object is cached under
-the system temp dir, keyed by the source's hash and the compiler flags, and rebuilt when
-either changes. If no compiler is available the callers fall back to pure torch.
+the C functions take raw pointers and strides; each Python wrapper checks the layout its
+kernel accepts. The shared object is cached under the system temp dir, keyed by the hash of
+the source and csrc/'s headers and by the compiler flags, and rebuilt when any changes. If no compiler is available the callers fall back to pure torch.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def load(name: str) -> ctypes.CDLL | None:
         log.warning("no C compiler found: %s falls back to pure torch", name)
         return None
     # -march=native: the build is only valid on this kind of CPU, so its flags are in the key.
-    key = source.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode() + _cpu_signature().encode()
+    headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))
+    key = source.read_bytes() + headers + " ".join(CFLAGS + LDFLAGS).encode() + _cpu_signature().encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
     build_dir = Path(tempfile.gettempdir()) / f"kiln-ray-kernels-{os.getuid()}"
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -90,6 +91,14 @@ P, I64, F32, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 def ptr(t) -> int | None:
     """Address of a tensor's data (None for an absent tensor)."""
     return None if t is None else t.data_ptr()
+
+
+def check_slots(slots, num_slots: int) -> None:
+    """Pool rows a C kernel is about to write in place: in range and distinct (torch's indexing
+    would raise or wrap; raw pointers would write elsewhere). N is a few dozen: cheap."""
+    ids = slots.tolist()
+    if ids and (min(ids) < 0 or max(ids) >= num_slots or len(set(ids)) != len(ids)):
+        raise IndexError(f"state slots {ids} out of range [0, {num_slots}) or repeated")
 
 
 def fast_path_ok(*tensors) -> bool:

@@ -9,13 +9,13 @@ Per token t, with log-decay g_t <= 0 and write strength beta_t in (0, 1):
     S      = S + outer(k_t, delta)           # write the correction under k_t
     o_t    = (scale * q_t)^T S               # (Dv,) read with the query
 
-Three forms with one contract:
+Three forms with one contract, and the decode step on an engine's state pool:
 
 - `naive_gated_delta_rule`: the loop above, token by token (the reference).
 - `chunk_gated_delta_rule`: the chunked WY / UT-transform form, for prefill.
 - `recurrent_gated_delta_rule`: one step for one token of each of N sequences, for decode.
-- `gated_delta_decode(_cpu)`: that step on states kept in rows of an engine's state pool
-  (the CPU form updates them in place in one C pass).
+- `gated_delta_decode(_cpu)`: that step on states kept in rows of an engine's state pool,
+  which it updates IN PLACE (the CPU form in one C pass); it returns only the outputs.
 
 Shared conventions (flat varlen batches):
 
@@ -24,17 +24,20 @@ Shared conventions (flat varlen batches):
 - Sequences are packed along dim 0; `cu_seqlens` (N+1,) int64 holds cumulative lengths from 0.
 - States are (N, Hv, Dk, Dv) float32; `initial_state=None` means zeros.
 - All arithmetic is float32. Outputs are cast to v.dtype; returned states are fresh float32
-  tensors. No input is mutated.
+  tensors. No input is mutated, except the pool of the `*_decode` forms.
 
 At the bottom, `fla_*` wrap flash-linear-attention's Triton kernels for CUDA tensors.
 """
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import cpu_ext
 
+_MAX_HEAD_DIM = 512  # = MAX_HEAD_DIM in csrc/linear_attention.c
 _STEP_ARGS = (cpu_ext.P,) * 8 + (cpu_ext.I64,) * 8 + (cpu_ext.F32, cpu_ext.INT, cpu_ext.INT, cpu_ext.INT)
 
 
@@ -111,10 +114,11 @@ def recurrent_gated_delta_rule(
 
 def gated_delta_decode(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, pool: Tensor, slots: Tensor, scale: float,
-    rule=recurrent_gated_delta_rule,
+    rule: Callable[..., tuple[Tensor, Tensor]] = recurrent_gated_delta_rule,
 ) -> Tensor:
-    """A decode step whose states live in rows `slots` (N,) of `pool` (num_slots, Hv, Dk, Dv)
-    float32: `rule` on the gathered rows, the new states written back. Returns o (N, Hv, Dv)."""
+    """A decode step whose states live in rows `slots` (N,) distinct, of `pool` (num_slots, Hv,
+    Dk, Dv) float32: `rule` on the gathered rows, the new states written back. Returns o
+    (N, Hv, Dv)."""
     out, pool[slots] = rule(q, k, v, g, beta, pool[slots], scale)
     return out
 
@@ -132,13 +136,15 @@ def gated_delta_decode_cpu(
         fn is None
         or q.dtype != k.dtype
         or q.shape != k.shape
-        or max(dk, dv) > 512
+        or v.shape[0] != n or g.shape != (n, hv) or beta.shape != (n, hv) or slots.shape != (n,)
+        or max(dk, dv) > _MAX_HEAD_DIM
         or hv % hk
         or any(t.stride(2) != 1 or t.stride(1) != t.shape[2] for t in (q, k, v))
         or pool.dtype != torch.float32 or not pool.is_contiguous() or pool.shape[1:] != (hv, dk, dv)
         or slots.dtype != torch.int64 or not slots.is_contiguous()
     ):
         return gated_delta_decode(q, k, v, g, beta, pool, slots, scale)
+    cpu_ext.check_slots(slots, pool.shape[0])
     g, beta = g.float().contiguous(), beta.float().contiguous()
     out = v.new_empty(n, hv, dv)
     fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(), beta.data_ptr(), pool.data_ptr(), slots.data_ptr(),
@@ -161,86 +167,97 @@ def chunk_gated_delta_rule(
     """Chunked form for prefill and training; same contract and result as
     `naive_gated_delta_rule`, differentiable (no in-place op on anything autograd saves).
 
-    Every sequence is cut into chunks of `chunk_size` tokens (the last one zero-padded), and
-    the chunks of ALL sequences are laid out chunk-major: chunk 0 of every sequence, then chunk
-    1 of every sequence that has one, ... with sequences ordered longest first, so the
-    sequences still running at chunk c are always the first n_c. The intra-chunk phase runs on
-    all chunks of a window at once; the hand-over of states from chunk c to c+1 is one batched
-    step for all running sequences, so a prefill of 32 prompts costs as many Python steps as
-    its longest prompt has chunks.
+    Every sequence is cut into chunks of `chunk_size` tokens, and the chunks of ALL sequences
+    are laid out chunk-major (`_ChunkLayout`). The intra-chunk phase runs on all chunks of a
+    window at once; the hand-over of states from chunk c to c+1 is one batched step for all
+    sequences still running, so a prefill of 32 prompts costs as many Python steps as its
+    longest prompt has chunks.
     """
     num_tokens, heads, value_dim = v.shape
-    key_heads, key_dim = k.shape[1], k.shape[2]
-    device = v.device
-    bounds = cu_seqlens.tolist()
-    num_seqs = len(bounds) - 1
-    states = _start_states(initial_state, num_seqs, v, key_dim)  # (N, Hv, Dk, Dv)
+    num_seqs = cu_seqlens.numel() - 1
+    states = _start_states(initial_state, num_seqs, v, k.shape[2])  # (N, Hv, Dk, Dv)
     if num_tokens == 0:
         return v.new_empty(v.shape), states
+    layout = _ChunkLayout(cu_seqlens.tolist(), chunk_size, heads, k.shape[1], v.device)
 
-    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
-    chunks = [-(-length // chunk_size) for length in lengths]
-    order = sorted(range(num_seqs), key=lambda s: -chunks[s])  # longest first (stable)
-    running = [sum(1 for n in chunks if n > c) for c in range(chunks[order[0]])]  # n_c
-    starts = torch.tensor(bounds[:-1], device=device)
-    # Chunk-major rows (c, r) for r < n_c, each gathering C tokens of sequence order[r]. The
-    # tail's padding re-reads a real token and is made inert by g = beta = 0: it then writes
-    # nothing and decays nothing, and no real token reads it (causality).
-    row_seq = torch.tensor([order[r] for n_c in running for r in range(n_c)], device=device)
-    row_chunk = torch.tensor([c for c, n_c in enumerate(running) for _ in range(n_c)], device=device)
-    token = starts[row_seq, None] + row_chunk[:, None] * chunk_size + torch.arange(chunk_size, device=device)
-    real = token < (starts + torch.tensor(lengths, device=device))[row_seq, None]  # (rows, C)
-    token = token.clamp(max=num_tokens - 1)
-    head = torch.arange(heads, device=device)
-    value_index = token[:, None, :] * heads + head[:, None]  # (rows, Hv, C) into (T * Hv)
-    key_index = token[:, None, :] * key_heads + (head // (heads // key_heads))[:, None]  # value head h reads h // r
-    inert = real[:, None, :].to(torch.float32)  # (rows, 1, C)
+    query = layout.gather(q, layout.key_index) * scale  # (rows, Hv, C, Dk)
+    key = layout.gather(k, layout.key_index)  # (rows, Hv, C, Dk)
+    value = layout.gather(v, layout.value_index)  # (rows, Hv, C, Dv)
+    decay = layout.gather(g[..., None], layout.value_index)[..., 0] * layout.real  # (rows, Hv, C)
+    beta = layout.gather(beta[..., None], layout.value_index)[..., 0] * layout.real
 
-    def gather(x: Tensor, index: Tensor) -> Tensor:  # (T, H, D) by (T * H)-indices; index_select is ~4x x[index]
-        return x.float().flatten(0, 1).index_select(0, index.flatten()).view(*index.shape, x.shape[2])
-
-    query = gather(q, key_index) * scale  # (rows, Hv, C, Dk)
-    key = gather(k, key_index)  # (rows, Hv, C, Dk)
-    value = gather(v, value_index)  # (rows, Hv, C, Dv)
-    decay = gather(g[..., None], value_index)[..., 0] * inert  # (rows, Hv, C)
-    beta = gather(beta[..., None], value_index)[..., 0] * inert
-
+    running = layout.running
     outs, finals = [], []
-    state = states[order[: running[0]]]  # (n_0, Hv, Dk, Dv): the running sequences' states
+    state = states[layout.order[: running[0]]]  # (n_0, Hv, Dk, Dv): the running sequences' states
     row = 0
     for first, last in _windows(running):
         rows = slice(row, row + sum(running[first:last]))
-        phase1 = _intra_chunk(query[rows], key[rows], value[rows], decay[rows], beta[rows], chunk_size)
+        terms = _intra_chunk(query[rows], key[rows], value[rows], decay[rows], beta[rows], chunk_size)
         offset = 0
         for c in range(first, last):
-            n_c = running[c]
-            out_c, state = _hand_over(phase1, slice(offset, offset + n_c), state)
+            out_c, state = _hand_over(terms, slice(offset, offset + running[c]), state)
             outs.append(out_c)
-            offset += n_c
+            offset += running[c]
             n_next = running[c + 1] if c + 1 < len(running) else 0
             finals.append(state[n_next:])  # the sequences whose last chunk this was
             state = state[:n_next]
         row = rows.stop
 
-    # Back to token order: token t at offset o of sequence s sits in row base[o // C] + rank[s].
-    rank = torch.empty(num_seqs, dtype=torch.int64, device=device)
-    rank[torch.tensor(order, device=device)] = torch.arange(num_seqs, device=device)
-    base = torch.tensor([0, *running], device=device).cumsum(0)
-    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), torch.tensor(lengths, device=device))
-    offset = torch.arange(num_tokens, device=device) - starts[seq_of_token]
-    row_of_token = base[offset // chunk_size] + rank[seq_of_token]
-    where = (row_of_token[:, None] * heads + head) * chunk_size + (offset % chunk_size)[:, None]  # (T, Hv)
-    out = torch.cat(outs).reshape(-1, value_dim).index_select(0, where.flatten()).view(num_tokens, heads, value_dim)
-    # finals hold the sequences in the order they finished (1-chunk ones first; within a
-    # chunk count, as in `order`); sequences without tokens keep their state.
-    ends = running[1:] + [0]
-    finished = [order[r] for n_c, n_next in zip(running, ends) for r in range(n_next, n_c)]
-    final = torch.cat(finals)
-    if len(finished) < num_seqs:
-        states = states.index_copy(0, torch.tensor(finished, device=states.device), final)
+    out = torch.cat(outs).reshape(-1, value_dim).index_select(0, layout.token_rows.flatten())
+    final = torch.cat(finals)  # in the order the sequences finished
+    finished = torch.tensor(layout.finished, device=final.device)
+    if len(layout.finished) < num_seqs:  # sequences without tokens keep their state
+        states = states.index_copy(0, finished, final)
     else:
-        states = final[torch.argsort(torch.tensor(finished)).to(final.device)]
-    return out.to(v.dtype), states
+        states = final[torch.argsort(finished)]
+    return out.view(num_tokens, heads, value_dim).to(v.dtype), states
+
+
+class _ChunkLayout:
+    """Where each token of a packed batch goes in the chunk-major layout, and back.
+
+    Rows are (c, r) for r < n_c: chunk c of sequence order[r], with sequences ordered longest
+    first, so the n_c sequences that have a chunk c are always the first n_c. Each row gathers
+    `chunk_size` tokens; the tail of a sequence's last chunk re-reads a real token and is made
+    inert by g = beta = 0 (`real`): it then writes nothing and decays nothing, and no real
+    token reads it (causality).
+    """
+
+    def __init__(self, bounds: list[int], chunk_size: int, heads: int, key_heads: int, device: torch.device):
+        num_seqs = len(bounds) - 1
+        lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+        chunks = [-(-length // chunk_size) for length in lengths]
+        self.order = sorted(range(num_seqs), key=lambda s: -chunks[s])  # stable
+        self.running = [sum(1 for n in chunks if n > c) for c in range(chunks[self.order[0]])]  # n_c
+        ends = self.running[1:] + [0]
+        # The order in which sequences finish: 1-chunk ones first; within a chunk count, as in `order`.
+        self.finished = [self.order[r] for n_c, n_next in zip(self.running, ends) for r in range(n_next, n_c)]
+
+        starts = torch.tensor(bounds[:-1], device=device)
+        lengths_t = torch.tensor(lengths, device=device)
+        row_seq = torch.tensor([self.order[r] for n_c in self.running for r in range(n_c)], device=device)
+        row_chunk = torch.tensor([c for c, n_c in enumerate(self.running) for _ in range(n_c)], device=device)
+        token = starts[row_seq, None] + row_chunk[:, None] * chunk_size + torch.arange(chunk_size, device=device)
+        self.real = (token < (starts + lengths_t)[row_seq, None])[:, None, :].float()  # (rows, 1, C)
+        token = token.clamp(max=bounds[-1] - 1)
+        head = torch.arange(heads, device=device)
+        self.value_index = token[:, None, :] * heads + head[:, None]  # (rows, Hv, C) into (T * Hv)
+        # Value head h reads query/key head h // (Hv / Hk).
+        self.key_index = token[:, None, :] * key_heads + (head // (heads // key_heads))[:, None]
+
+        # Back: token t at offset o of sequence s sits in row base[o // C] + rank[s], column o % C.
+        rank = torch.empty(num_seqs, dtype=torch.int64, device=device)
+        rank[torch.tensor(self.order, device=device)] = torch.arange(num_seqs, device=device)
+        base = torch.tensor([0, *self.running], device=device).cumsum(0)
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), lengths_t)
+        offset = torch.arange(bounds[-1], device=device) - starts[seq_of_token]
+        row = base[offset // chunk_size] + rank[seq_of_token]
+        self.token_rows = (row[:, None] * heads + head) * chunk_size + (offset % chunk_size)[:, None]  # (T, Hv)
+
+    @staticmethod
+    def gather(x: Tensor, index: Tensor) -> Tensor:
+        """(T, H, D) float32 rows by (T * H)-indices (index_select: ~4x faster than x[index])."""
+        return x.float().flatten(0, 1).index_select(0, index.flatten()).view(*index.shape, x.shape[2])
 
 
 # A window is a run of chunk indices whose rows (chunks of all running sequences) go through the
@@ -263,9 +280,20 @@ def _windows(running: list[int]) -> list[tuple[int, int]]:
     return windows
 
 
-def _intra_chunk(query: Tensor, key: Tensor, value: Tensor, decay: Tensor, beta: Tensor, chunk_size: int):
+class _ChunkTerms(NamedTuple):
+    """Phase 1's results, per chunk (M, H, ...): what the hand-over needs."""
+
+    new_values: Tensor  # (M, H, C, Dv) the writes u for S0 = 0
+    state_readers: Tensor  # (M, H, C, Dk) how each u_i reads S0
+    intra_attn: Tensor  # (M, H, C, C) decayed q_i . k_j for j <= i
+    query_from_start: Tensor  # (M, H, C, Dk) queries reading S0, decayed to their token
+    key_to_end: Tensor  # (M, H, Dk, C) writes decayed to the chunk end
+    chunk_decay: Tensor  # (M, H, 1, 1) the whole chunk's decay
+
+
+def _intra_chunk(query: Tensor, key: Tensor, value: Tensor, decay: Tensor, beta: Tensor, chunk_size: int) -> _ChunkTerms:
     """Phase 1 on M chunks at once: query, key (M, H, C, Dk); value (M, H, C, Dv); decay, beta
-    (M, H, C). Returns what the hand-over needs, per chunk.
+    (M, H, C).
 
     Within a chunk, with D(i, j) = exp(sum of g over (j, i]) and S0 the state entering the
     chunk, unrolling the recurrence gives the per-token writes u_i = delta_i (Dv,) as
@@ -274,7 +302,7 @@ def _intra_chunk(query: Tensor, key: Tensor, value: Tensor, decay: Tensor, beta:
 
     a unit lower-triangular system (I + A) u = v_beta - k_beta_decayed S0. Solving it for both
     right-hand sides once per chunk (the UT transform) leaves only matmuls against S0.
-    Zero padding is inert: k = 0 and beta = 0 write nothing and g = 0 decays nothing.
+    Padding with g = beta = 0 is inert: it writes nothing and decays nothing.
     """
     # Cumulative log-decay from the chunk start: every decay factor below is exp of a
     # difference <= 0, so nothing overflows. Exponents are clamped at -80 (exp = 2e-35): exp
@@ -296,19 +324,18 @@ def _intra_chunk(query: Tensor, key: Tensor, value: Tensor, decay: Tensor, beta:
     intra_attn = (query @ key.transpose(-1, -2)) * pair_decay  # (M, H, C, C), diagonal kept
     query_from_start = query * start_decay[..., None]  # reads S0, decayed to token i
     key_to_end = (key * (cum_decay[..., -1:] - cum_decay).clamp(min=_MIN_EXPONENT).exp()[..., None]).transpose(-1, -2)
-    # key_to_end: (M, H, Dk, C), writes decayed to the chunk end
     chunk_decay = start_decay[..., -1, None, None]  # (M, H, 1, 1)
-    return new_values, state_readers, intra_attn, query_from_start, key_to_end, chunk_decay
+    return _ChunkTerms(new_values, state_readers, intra_attn, query_from_start, key_to_end, chunk_decay)
 
 
-def _hand_over(phase1, rows: slice, state: Tensor) -> tuple[Tensor, Tensor]:
-    """Phase 2 for one chunk of each running sequence (`rows` of the phase-1 tensors, in the
+def _hand_over(terms: _ChunkTerms, rows: slice, state: Tensor) -> tuple[Tensor, Tensor]:
+    """Phase 2 for one chunk of each running sequence (`rows` of the phase-1 terms, in the
     order of `state` (n, H, Dk, Dv)): correct the writes for the incoming state, read, pass the
     state on. Returns (out (n, H, C, Dv), state after the chunk)."""
-    new_values, state_readers, intra_attn, query_from_start, key_to_end, chunk_decay = (x[rows] for x in phase1)
-    writes = new_values - state_readers @ state  # (n, H, C, Dv)
-    out = query_from_start @ state + intra_attn @ writes
-    return out, state * chunk_decay + key_to_end @ writes
+    t = _ChunkTerms(*(x[rows] for x in terms))
+    writes = t.new_values - t.state_readers @ state  # (n, H, C, Dv)
+    out = t.query_from_start @ state + t.intra_attn @ writes
+    return out, state * t.chunk_decay + t.key_to_end @ writes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,6 +95,9 @@ class ServingNode:
         # OpenMP pool beside the step thread's), so a burst of requests for an adapter not
         # yet resident queues here instead of starting one per request.
         self._builds = asyncio.Semaphore(2)
+        # Loads in flight, by (name, version asked for): a burst of requests for one adapter
+        # that is not resident waits for ONE read and build of it.
+        self._loading: dict[tuple[str, int | None], asyncio.Future] = {}
 
     async def start(self) -> None:
         """Serve what survived a restart: every stored adapter's current version (as many as
@@ -154,6 +157,15 @@ class ServingNode:
         manager = self.engine.engine.adapters
         if version is None and name in manager.current or version is not None and manager.is_resident(name, version):
             return
+        key = (name, version)
+        load = self._loading.get(key)
+        if load is None:
+            load = self._loading[key] = asyncio.ensure_future(self._load_resident(name, version))
+            load.add_done_callback(lambda done: self._loading.pop(key, None) if self._loading.get(key) is done else None)
+            load.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved even if nobody waits
+        await asyncio.shield(load)  # a waiter that gives up (client gone) leaves the load to the others
+
+    async def _load_resident(self, name: str, version: int | None) -> None:
         stored, weights = await self._build(self._load_weights, name, version)  # AdapterNotFound
         make_current = stored.version == self.store.current_version(name)
         await self._install(name, stored.version, weights, make_current)

@@ -9,27 +9,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t u = ((uint32_t)x) << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-#define LD(p, i) (is_bf16 ? bf16_to_f32(((const uint16_t *)(p))[i]) : ((const float *)(p))[i])
-#define ST(p, i, v)                                              \
-    do {                                                         \
-        if (is_bf16) ((uint16_t *)(p))[i] = f32_to_bf16(v);      \
-        else ((float *)(p))[i] = (v);                            \
-    } while (0)
-#define ROUND(v) (is_bf16 ? bf16_to_f32(f32_to_bf16(v)) : (v))
+#include "bf16.h"
 
 /* The residual stream is float32 (massive activations of a few channels reach ~1e4, where
    bf16 keeps 3 significant digits): residual += x (if x is non-NULL), then

@@ -1,38 +1,23 @@
 /*
- * Decode steps of the linear-attention (Gated DeltaNet) layers on the CPU, IN PLACE in the
- * engine's state pools: one token for each of N sequences, whose states live in pool rows
- * `slots[n]`. The torch form gathers those rows, computes new states and scatters them back
- * (six passes over a few MB per layer and step); here each state is read and written once.
+ * The linear-attention (Gated DeltaNet) layers' CPU kernels:
+ *   gated_delta_step, conv1d_step  decode steps, IN PLACE in the engine's state pools: one
+ *                                  token for each of N sequences, whose states live in pool
+ *                                  rows `slots[n]` (distinct). The torch form gathers those
+ *                                  rows, computes new states and scatters them back (six
+ *                                  passes over a few MB per layer and step); here each state
+ *                                  is read and written once.
+ *   conv1d_prefill                 the causal conv over packed sequences, from their states.
  * Math as kernels/gated_delta.py and kernels/conv1d.py (their pure-torch forms are the
  * reference). float32 math; `is_bf16` selects bf16 or float32 storage of the activations.
- * Parallel over (sequence, head) / (sequence, channel block) with OpenMP (torch's runtime).
+ * Parallel with OpenMP (torch's runtime). The Python wrappers check every shape and index.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t u = ((uint32_t)x) << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
+#include "bf16.h"
 
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-#define LD(p, i) (is_bf16 ? bf16_to_f32(((const uint16_t *)(p))[i]) : ((const float *)(p))[i])
-#define ST(p, i, v)                                              \
-    do {                                                         \
-        if (is_bf16) ((uint16_t *)(p))[i] = f32_to_bf16(v);      \
-        else ((float *)(p))[i] = (v);                            \
-    } while (0)
-
-#define MAX_HEAD_DIM 512
+#define MAX_HEAD_DIM 512 /* = _MAX_HEAD_DIM in kernels/gated_delta.py */
 
 /* One gated delta rule step per (sequence n, value head h), state S = pool[slots[n], h]
    (dk, dv) float32, updated in place:

@@ -499,15 +499,26 @@ class _Routes:
         except TimeoutError:
             error_event = fmt.sse(self._timeout().body())
         except Exception as error:  # noqa: BLE001 - after the headers, an error can only be an event
-            mapped = engine_error(error)
-            if mapped is None:
-                log.exception("stream failed")
-                mapped = APIError(500, f"internal error ({type(error).__name__})", code="internal_error")
-            error_event = fmt.sse(mapped.body())
-        if pending and (event := chunk_for(merge_deltas(pending))):
-            yield event
+            error_event = self._stream_error(error)
+        if pending:
+            try:
+                event = chunk_for(merge_deltas(pending))
+            except Exception as error:  # noqa: BLE001 - as above
+                event, flush_error = None, self._stream_error(error)
+                error_event = error_event or flush_error
+            if event:
+                yield event
         if error_event is not None:
             yield error_event
+
+    @staticmethod
+    def _stream_error(error: Exception) -> str:
+        """The SSE error event for an error after the headers went out."""
+        mapped = engine_error(error)
+        if mapped is None:
+            log.exception("stream failed")
+            mapped = APIError(500, f"internal error ({type(error).__name__})", code="internal_error")
+        return fmt.sse(mapped.body())
 
     def _record(self, rid: str, request_id: str, kind: str, num_prompt: int, choices: list[ChoiceText],
                 timing: _Timing) -> None:

@@ -52,6 +52,7 @@ class _FailsAfterSix:
 
     def __init__(self, tokenizer):
         self.ids = tokenizer(" one two three four five six", add_special_tokens=False)["input_ids"][:6]
+        self.died = False
 
     async def generate(self, request, choice):
         from kiln_ray.engine.async_engine import EngineDeadError
@@ -60,6 +61,7 @@ class _FailsAfterSix:
         for i, token in enumerate(self.ids):
             yield [RequestOutput(request.request_id, 0, [token], None, num_prompt_tokens=len(request.prompt_token_ids),
                                  num_output_tokens=i + 1)]
+        self.died = True
         raise EngineDeadError("the engine loop stopped")
 
     async def call(self, method, *args):
@@ -69,23 +71,49 @@ class _FailsAfterSix:
         return {"alive": True}
 
 
-def test_tokens_held_back_for_the_next_event_go_out_before_an_error(tiny_smol_dir):
-    """With stream_interval 4 the sixth token waits for the eighth step; the engine dies at the
-    seventh: the sixth is sent, then the error event."""
+def _stream_through_fails_after_six(tokenizer_dir, engine=None) -> tuple[list[dict], "_FailsAfterSix", object]:
     from kiln_ray.api.routes import ServerContext, create_app
     from kiln_ray.config import KilnConfig
     from kiln_ray.model.registry import load_tokenizer
 
-    tokenizer = load_tokenizer(tiny_smol_dir)
-    engine = _FailsAfterSix(tokenizer)
-    ctx = ServerContext(config=KilnConfig(model=str(tiny_smol_dir), stream_interval=4), engine=engine,
+    tokenizer = load_tokenizer(tokenizer_dir)
+    engine = engine or _FailsAfterSix(tokenizer)
+    ctx = ServerContext(config=KilnConfig(model=str(tokenizer_dir), stream_interval=4), engine=engine,
                         tokenizer=tokenizer, model_name="m", max_model_len=512, vocab_size=tokenizer.vocab_size)
     with TestClient(create_app(ctx)) as client:
         with client.stream("POST", "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 50,
                                                               "stream": True}) as r:
-            events = [json.loads(line.removeprefix("data: ")) for line in r.iter_lines()
-                      if line.startswith("data: {")]
+            lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: {")], engine, tokenizer
+
+
+def test_tokens_held_back_for_the_next_event_go_out_before_an_error(tiny_smol_dir):
+    """With stream_interval 4 the sixth token waits for the eighth step; the engine dies at the
+    seventh: the sixth is sent, then the error event."""
+    events, engine, tokenizer = _stream_through_fails_after_six(tiny_smol_dir)
     text = "".join(c["text"] for e in events if "choices" in e for c in e["choices"])
     assert text == tokenizer.decode(engine.ids)
     assert len([e for e in events if "choices" in e]) == 3  # the first, steps 2-5, and the held-back sixth
     assert "error" in events[-1]
+
+
+def test_a_failure_while_sending_the_held_back_tokens_still_ends_with_an_error_event(tiny_smol_dir, monkeypatch):
+    """The last flush runs outside the stream's main try: if turning the held-back increments
+    into an event fails too, the client still gets the error event and [DONE], not a cut stream."""
+    import kiln_ray.api.routes as routes
+    from kiln_ray.model.registry import load_tokenizer
+
+    engine = _FailsAfterSix(load_tokenizer(tiny_smol_dir))
+    real_merge = routes.merge_deltas
+
+    def merge_then_fail(deltas):
+        if engine.died:  # only the flush of the held-back sixth token merges after the engine died
+            raise RuntimeError("detokenizer bug")
+        return real_merge(deltas)
+
+    monkeypatch.setattr(routes, "merge_deltas", merge_then_fail)
+    events, _, _ = _stream_through_fails_after_six(tiny_smol_dir, engine)
+    assert len([e for e in events if "choices" in e]) == 2  # the first, then steps 2-5; the sixth is lost
+    assert "engine" in events[-1]["error"]["message"]  # the engine's error, reported once
+    assert sum("error" in e for e in events) == 1

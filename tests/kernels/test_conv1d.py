@@ -214,7 +214,7 @@ def strided(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("with_state", WITH_STATE)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [*SHAPE_PARAMS, pytest.param(Shape((0, 3, 0), 300, 4), id="empty-seqs-C300")])
+@pytest.mark.parametrize("shape", [*SHAPE_PARAMS, pytest.param(Shape((0, 3, 0), 300, 4), id="N3-T3-C300-K4-empty")])
 def test_cpu_prefill_matches_naive(shape, dtype, with_state, activation):
     inputs = make_inputs(shape, dtype, with_state)
     expected_out, expected_state = naive_causal_conv1d(

@@ -259,7 +259,8 @@ def test_chunk_gradients_match_a_token_by_token_reference():
 @pytest.mark.parametrize("qk_dtype", DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "shape", [pytest.param(Shape((1,) * 5, 2, 4, 16, 32), id="gqa"), pytest.param(Shape((1,) * 3, 1, 2, 128, 64), id="qwen3.5-dims")]
+    "shape", [pytest.param(Shape((1,) * 5, 2, 4, 16, 32), id="N5-Hk2-Hv4-Dk16-Dv32"),
+              pytest.param(Shape((1,) * 3, 1, 2, 128, 64), id="N3-Hk1-Hv2-Dk128-Dv64")]
 )
 def test_cpu_decode_updates_its_slots_in_place(shape, dtype, qk_dtype):
     """The C step on states in pool rows `slots` == the torch step on the gathered rows; other
