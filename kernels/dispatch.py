@@ -6,6 +6,7 @@ is CUDA-only, so a fast path is chosen only when its package imports AND the dev
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -31,6 +32,7 @@ class Kernels:
     causal_conv1d: Callable
     conv1d_decode: Callable
     chunk_gated_delta_rule: Callable
+    gated_delta_prefill: Callable
     gated_delta_decode: Callable
     argmax: Callable
 
@@ -54,6 +56,7 @@ def select_kernels(
             causal_conv1d=conv1d.naive_causal_conv1d,
             conv1d_decode=conv1d.conv1d_decode,
             chunk_gated_delta_rule=gated_delta.naive_gated_delta_rule,
+            gated_delta_prefill=functools.partial(gated_delta.gated_delta_prefill, rule=gated_delta.naive_gated_delta_rule),
             gated_delta_decode=gated_delta.gated_delta_decode,
             argmax=argmax.argmax,
         )
@@ -75,6 +78,11 @@ def select_kernels(
         causal_conv1d=conv1d.causal_conv1d_cpu if use_c else conv1d.causal_conv1d,
         conv1d_decode=conv1d.conv1d_decode_cpu if use_c else conv1d.conv1d_decode,
         chunk_gated_delta_rule=gated_delta.fla_chunk_gated_delta_rule if use_fla else gated_delta.chunk_gated_delta_rule,
+        gated_delta_prefill=(
+            gated_delta.fla_gated_delta_prefill
+            if use_fla
+            else gated_delta.gated_delta_prefill_cpu if use_c else gated_delta.gated_delta_prefill
+        ),
         gated_delta_decode=(
             gated_delta.fla_gated_delta_decode
             if use_fla

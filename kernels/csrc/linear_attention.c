@@ -1,12 +1,13 @@
 /*
  * The linear-attention (Gated DeltaNet) layers' CPU kernels:
- *   gated_delta_step, conv1d_step  decode steps, IN PLACE in the engine's state pools: one
- *                                  token for each of N sequences, whose states live in pool
- *                                  rows `slots[n]` (distinct). The torch form gathers those
- *                                  rows, computes new states and scatters them back (six
- *                                  passes over a few MB per layer and step); here each state
- *                                  is read and written once.
- *   conv1d_prefill                 the causal conv over packed sequences, from their states.
+ *   gated_delta        the delta rule token by token, IN PLACE on states in the engine's
+ *                      state pool (rows `slots[n]`, distinct): a decode step (one token per
+ *                      sequence) or a prefill (packed sequences). The torch decode form
+ *                      gathers the rows, computes new states and scatters them back (six
+ *                      passes over a few MB per layer and step); here each state is read
+ *                      and written once, and stays in L1 across a prefill's tokens.
+ *   conv1d_step        a decode step of the causal conv, in place in its pool.
+ *   conv1d_prefill     the causal conv over packed sequences, from their states.
  * Math as kernels/gated_delta.py and kernels/conv1d.py (their pure-torch forms are the
  * reference). float32 math; `is_bf16` selects bf16 or float32 storage of the activations.
  * Parallel with OpenMP (torch's runtime). The Python wrappers check every shape and index.
@@ -19,34 +20,31 @@
 
 #define MAX_HEAD_DIM 512 /* = _MAX_HEAD_DIM in kernels/gated_delta.py */
 
-/* One gated delta rule step per (sequence n, value head h), state S = pool[slots[n], h]
-   (dk, dv) float32, updated in place:
+/* The gated delta rule for value head h of sequence s, token by token over its tokens
+   t0 .. t1 of the packed inputs, on its state S = pool[slots[s], h] (dk, dv) float32,
+   updated in place. Per token:
        S *= exp(g);  mem = k^T S;  delta = beta * (v - mem);  S += k delta^T;  o = (scale q)^T S
-   q, k (N, hk, dk) and v (N, hv, dv): tokens `*_stride` elements apart, heads contiguous
+   q, k (T, hk, dk) and v (T, hv, dv): tokens `*_stride` elements apart, heads contiguous
    within a token; value head h reads key head h / (hv / hk). q and k are float32 or bf16
-   (`qk_bf16`), v and out (N, hv, dv) contiguous in the activations' dtype. g, beta (N, hv)
-   float32 contiguous. */
-static inline __attribute__((always_inline)) void gated_delta_step_impl(
-    const void *q, const void *k, const void *v, const float *g, const float *beta, float *pool,
-    const int64_t *slots, void *out, int64_t n, int64_t hk, int64_t hv, int64_t dk, int64_t dv, int64_t q_stride,
-    int64_t k_stride, int64_t v_stride, float scale, int qk_bf16, int threads, const int is_bf16) {
-    const int64_t heads_per_key = hv / hk;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t item = 0; item < n * hv; item++) {
-        const int64_t s = item / hv, h = item % hv, kh = h / heads_per_key;
-        float *S = pool + (slots[s] * hv + h) * dk * dv;
-        float qq[MAX_HEAD_DIM], kk[MAX_HEAD_DIM], vv[MAX_HEAD_DIM], mem[MAX_HEAD_DIM], o[MAX_HEAD_DIM];
+   (`qk_bf16`), v and out (T, hv, dv) contiguous in the activations' dtype. g, beta (T, hv)
+   float32 contiguous. The state stays in L1 (16 KB for 64 x 64) across the tokens. */
+static inline __attribute__((always_inline)) void delta_rule_span(
+    const void *q, const void *k, const void *v, const float *g, const float *beta, float *S, void *out, int64_t t0,
+    int64_t t1, int64_t h, int64_t kh, int64_t hv, int64_t dk, int64_t dv, int64_t q_stride, int64_t k_stride,
+    int64_t v_stride, float scale, int qk_bf16, const int is_bf16) {
+    float qq[MAX_HEAD_DIM], kk[MAX_HEAD_DIM], vv[MAX_HEAD_DIM], mem[MAX_HEAD_DIM], o[MAX_HEAD_DIM];
+    for (int64_t t = t0; t < t1; t++) {
         for (int64_t i = 0; i < dk; i++) {
-            const int64_t qi = s * q_stride + kh * dk + i, ki = s * k_stride + kh * dk + i;
+            const int64_t qi = t * q_stride + kh * dk + i, ki = t * k_stride + kh * dk + i;
             qq[i] = (qk_bf16 ? bf16_to_f32(((const uint16_t *)q)[qi]) : ((const float *)q)[qi]) * scale;
             kk[i] = qk_bf16 ? bf16_to_f32(((const uint16_t *)k)[ki]) : ((const float *)k)[ki];
         }
         for (int64_t j = 0; j < dv; j++) {
-            vv[j] = LD(v, s * v_stride + h * dv + j);
+            vv[j] = LD(v, t * v_stride + h * dv + j);
             mem[j] = 0.f;
             o[j] = 0.f;
         }
-        const float decay = expf(g[s * hv + h]), b = beta[s * hv + h];
+        const float decay = expf(g[t * hv + h]), b = beta[t * hv + h];
         for (int64_t i = 0; i < dk; i++) {
             float *row = S + i * dv;
             const float ki = kk[i];
@@ -64,20 +62,36 @@ static inline __attribute__((always_inline)) void gated_delta_step_impl(
                 o[j] += qi * row[j];
             }
         }
-        for (int64_t j = 0; j < dv; j++) ST(out, (s * hv + h) * dv + j, o[j]);
+        for (int64_t j = 0; j < dv; j++) ST(out, (t * hv + h) * dv + j, o[j]);
     }
 }
 
-void gated_delta_step(const void *q, const void *k, const void *v, const float *g, const float *beta, float *pool,
-                      const int64_t *slots, void *out, int64_t n, int64_t hk, int64_t hv, int64_t dk, int64_t dv,
-                      int64_t q_stride, int64_t k_stride, int64_t v_stride, float scale, int qk_bf16, int is_bf16,
-                      int threads) {
+/* N sequences, sequence s spanning tokens cu[s] .. cu[s+1] (cu NULL: one token each, token s,
+   the decode step). Parallel over (sequence, value head). */
+static inline __attribute__((always_inline)) void gated_delta_impl(
+    const void *q, const void *k, const void *v, const float *g, const float *beta, float *pool,
+    const int64_t *slots, const int64_t *cu, void *out, int64_t n, int64_t hk, int64_t hv, int64_t dk, int64_t dv,
+    int64_t q_stride, int64_t k_stride, int64_t v_stride, float scale, int qk_bf16, int threads, const int is_bf16) {
+    const int64_t heads_per_key = hv / hk;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t item = 0; item < n * hv; item++) {
+        const int64_t s = item / hv, h = item % hv;
+        const int64_t t0 = cu ? cu[s] : s, t1 = cu ? cu[s + 1] : s + 1;
+        delta_rule_span(q, k, v, g, beta, pool + (slots[s] * hv + h) * dk * dv, out, t0, t1, h, h / heads_per_key, hv,
+                        dk, dv, q_stride, k_stride, v_stride, scale, qk_bf16, is_bf16);
+    }
+}
+
+void gated_delta(const void *q, const void *k, const void *v, const float *g, const float *beta, float *pool,
+                 const int64_t *slots, const int64_t *cu, void *out, int64_t n, int64_t hk, int64_t hv, int64_t dk,
+                 int64_t dv, int64_t q_stride, int64_t k_stride, int64_t v_stride, float scale, int qk_bf16,
+                 int is_bf16, int threads) {
     if (is_bf16)
-        gated_delta_step_impl(q, k, v, g, beta, pool, slots, out, n, hk, hv, dk, dv, q_stride, k_stride, v_stride,
-                              scale, qk_bf16, threads, 1);
+        gated_delta_impl(q, k, v, g, beta, pool, slots, cu, out, n, hk, hv, dk, dv, q_stride, k_stride, v_stride,
+                         scale, qk_bf16, threads, 1);
     else
-        gated_delta_step_impl(q, k, v, g, beta, pool, slots, out, n, hk, hv, dk, dv, q_stride, k_stride, v_stride,
-                              scale, qk_bf16, threads, 0);
+        gated_delta_impl(q, k, v, g, beta, pool, slots, cu, out, n, hk, hv, dk, dv, q_stride, k_stride, v_stride,
+                         scale, qk_bf16, threads, 0);
 }
 
 /* One causal depthwise conv step per sequence n and channel c, window state

@@ -104,7 +104,7 @@ class GatedDeltaNet(nn.Module):
             out[:nd] = kern.gated_delta_decode(q[:nd], k[:nd], v[:nd], decay[:nd], beta[:nd], pool, slots[:nd], scale)
         if nd < len(ctx.cu_seqlens) - 1:
             prefill_cu = cu[nd:] - cu[nd]
-            out[nd:], pool[slots[nd:]] = kern.chunk_gated_delta_rule(
-                q[nd:], k[nd:], v[nd:], decay[nd:], beta[nd:], prefill_cu, pool[slots[nd:]], scale
+            out[nd:] = kern.gated_delta_prefill(
+                q[nd:], k[nd:], v[nd:], decay[nd:], beta[nd:], prefill_cu, pool, slots[nd:], scale
             )
         return out

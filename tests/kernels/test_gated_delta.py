@@ -13,6 +13,8 @@ from kernels.gated_delta import (
     chunk_gated_delta_rule,
     gated_delta_decode,
     gated_delta_decode_cpu,
+    gated_delta_prefill,
+    gated_delta_prefill_cpu,
     naive_gated_delta_rule,
     recurrent_gated_delta_rule,
 )
@@ -283,6 +285,38 @@ def test_cpu_decode_updates_its_slots_in_place(shape, dtype, qk_dtype):
     others = torch.ones(n + 4, dtype=torch.bool)
     others[slots] = False
     torch.testing.assert_close(pool[others], expected_pool[others], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("qk_dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPE_PARAMS + [pytest.param(Shape((0, 9, 0), 2, 4, 16, 32), id="N3-T9-empty")])
+def test_cpu_prefill_updates_its_slots_in_place(shape, dtype, qk_dtype):
+    """The C recurrence over packed sequences, from and into pool rows `slots`, == the
+    reference loop on the gathered rows; other rows are untouched."""
+    inputs = make_inputs(shape, dtype, with_state=False)
+    q, k = inputs.q.to(qk_dtype), inputs.k.to(qk_dtype)
+    n, hv, dv = len(shape.lengths), shape.value_heads, shape.value_dim
+    pool = torch.randn(n + 3, hv, shape.key_dim, dv, generator=torch.Generator().manual_seed(1))
+    slots = torch.randperm(n + 3, generator=torch.Generator().manual_seed(2))[:n]
+    expected_pool = pool.clone()
+    expected = gated_delta_prefill(q, k, inputs.v, inputs.g, inputs.beta, inputs.cu_seqlens, expected_pool, slots,
+                                   inputs.scale, rule=naive_gated_delta_rule)
+    with torch.inference_mode():  # the C path runs without autograd only
+        out = gated_delta_prefill_cpu(q, k, inputs.v, inputs.g, inputs.beta, inputs.cu_seqlens, pool, slots, inputs.scale)
+    assert out.dtype == dtype and out.shape == inputs.v.shape
+    assert rel_rms(out, expected) < (FP32_TOL if dtype == torch.float32 else BF16_TOL)
+    assert rel_rms(pool[slots], expected_pool[slots]) < FP32_TOL
+    others = torch.ones(n + 3, dtype=torch.bool)
+    others[slots] = False
+    torch.testing.assert_close(pool[others], expected_pool[others], rtol=0, atol=0)
+
+
+def test_cpu_kernels_refuse_slots_outside_the_pool():
+    inputs = make_inputs(Shape((1, 1), 1, 1, 8, 8), torch.float32, with_state=False)
+    pool = torch.zeros(2, 1, 8, 8)
+    for slots in (torch.tensor([0, 2]), torch.tensor([-1, 0]), torch.tensor([1, 1])):
+        with torch.inference_mode(), pytest.raises(IndexError, match="state slots"):
+            gated_delta_decode_cpu(inputs.q, inputs.k, inputs.v, inputs.g, inputs.beta, pool, slots, inputs.scale)
 
 
 # --- transformers' Qwen3.5 torch implementation -----------------------------------------------
