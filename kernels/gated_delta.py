@@ -9,11 +9,13 @@ Per token t, with log-decay g_t <= 0 and write strength beta_t in (0, 1):
     S      = S + outer(k_t, delta)           # write the correction under k_t
     o_t    = (scale * q_t)^T S               # (Dv,) read with the query
 
-Three forms with one contract, and the decode step on an engine's state pool:
+Three forms with one contract, and the engine's forms on its state pool:
 
 - `naive_gated_delta_rule`: the loop above, token by token (the reference).
-- `chunk_gated_delta_rule`: the chunked WY / UT-transform form, for prefill.
-- `recurrent_gated_delta_rule`: one step for one token of each of N sequences, for decode.
+- `chunk_gated_delta_rule`: the chunked WY / UT-transform form, for training (differentiable)
+  and for serving prefill where no C kernel runs.
+- `recurrent_gated_delta_rule`: one step for one token of each of N sequences, for decode
+  where no C kernel runs.
 - `gated_delta_decode(_cpu)`, `gated_delta_prefill(_cpu)`: the decode step and the prefill on
   states kept in rows of an engine's state pool, which they update IN PLACE (the CPU forms:
   the recurrence in one C pass); they return only the outputs.
@@ -149,9 +151,11 @@ def gated_delta_prefill_cpu(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, cu_seqlens: Tensor, pool: Tensor, slots: Tensor,
     scale: float,
 ) -> Tensor:
-    """`gated_delta_prefill` as the recurrence token by token in C, each state kept in L1 and
-    updated in place in the pool (~3-5x the chunked torch form at 512 tokens on 2 cores, and
-    exact: it is the reference's order of operations); the torch form under autograd or for
+    """`gated_delta_prefill` as the recurrence token by token in C, each state kept in cache
+    and updated in place in the pool: 5x the chunked torch form at 512 tokens on 2 cores,
+    7x at 2048 (the chunked form's matmuls of 64 x 64 blocks and elementwise passes cost
+    more than the recurrence's few FLOPs per state element on a CPU), and the reference's
+    maths (not its rounding: -ffast-math reorders). The torch form under autograd or for
     other layouts/dtypes."""
     out = _gated_delta_cpu(q, k, v, g, beta, cu_seqlens, pool, slots, scale)
     return gated_delta_prefill(q, k, v, g, beta, cu_seqlens, pool, slots, scale) if out is None else out
@@ -160,7 +164,10 @@ def gated_delta_prefill_cpu(
 def _gated_delta_cpu(q, k, v, g, beta, cu_seqlens: Tensor | None, pool: Tensor, slots: Tensor, scale: float):
     """The C kernel over packed sequences (`cu_seqlens`; None: one token per sequence), or None
     when it cannot take these inputs."""
+    tensors = (q, k, v, g, beta, pool, slots, cu_seqlens)
     fn = cpu_ext.function("linear_attention", "gated_delta", _ARGS) if cpu_ext.fast_path_ok(q, k, v) else None
+    if any(x is not None and x.device.type != "cpu" for x in tensors):
+        fn = None
     t, hk, dk = k.shape
     hv, dv = v.shape[1], v.shape[2]
     n = slots.shape[0] if slots.dim() == 1 else -1

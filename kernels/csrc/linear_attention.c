@@ -5,7 +5,7 @@
  *                      sequence) or a prefill (packed sequences). The torch decode form
  *                      gathers the rows, computes new states and scatters them back (six
  *                      passes over a few MB per layer and step); here each state is read
- *                      and written once, and stays in L1 across a prefill's tokens.
+ *                      and written once, and stays in cache across a prefill's tokens.
  *   conv1d_step        a decode step of the causal conv, in place in its pool.
  *   conv1d_prefill     the causal conv over packed sequences, from their states.
  * Math as kernels/gated_delta.py and kernels/conv1d.py (their pure-torch forms are the
@@ -18,6 +18,20 @@
 
 #include "bf16.h"
 
+#if defined(__SSE__)
+#include <xmmintrin.h>
+/* Flush-to-zero and denormals-are-zero on this thread; returns the previous MXCSR. */
+static inline unsigned denormals_off(void) {
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040u);
+    return csr;
+}
+static inline void denormals_restore(unsigned csr) { _mm_setcsr(csr); }
+#else
+static inline unsigned denormals_off(void) { return 0; }
+static inline void denormals_restore(unsigned csr) { (void)csr; }
+#endif
+
 #define MAX_HEAD_DIM 512 /* = _MAX_HEAD_DIM in kernels/gated_delta.py */
 
 /* The gated delta rule for value head h of sequence s, token by token over its tokens
@@ -27,7 +41,8 @@
    q, k (T, hk, dk) and v (T, hv, dv): tokens `*_stride` elements apart, heads contiguous
    within a token; value head h reads key head h / (hv / hk). q and k are float32 or bf16
    (`qk_bf16`), v and out (T, hv, dv) contiguous in the activations' dtype. g, beta (T, hv)
-   float32 contiguous. The state stays in L1 (16 KB for 64 x 64) across the tokens. */
+   float32 contiguous. The state stays in cache across the tokens (16 KB for 64 x 64 heads,
+   64 KB for Qwen3.5's 128 x 128). */
 static inline __attribute__((always_inline)) void delta_rule_span(
     const void *q, const void *k, const void *v, const float *g, const float *beta, float *S, void *out, int64_t t0,
     int64_t t1, int64_t h, int64_t kh, int64_t hv, int64_t dk, int64_t dv, int64_t q_stride, int64_t k_stride,
@@ -73,12 +88,20 @@ static inline __attribute__((always_inline)) void gated_delta_impl(
     const int64_t *slots, const int64_t *cu, void *out, int64_t n, int64_t hk, int64_t hv, int64_t dk, int64_t dv,
     int64_t q_stride, int64_t k_stride, int64_t v_stride, float scale, int qk_bf16, int threads, const int is_bf16) {
     const int64_t heads_per_key = hv / hk;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t item = 0; item < n * hv; item++) {
-        const int64_t s = item / hv, h = item % hv;
-        const int64_t t0 = cu ? cu[s] : s, t1 = cu ? cu[s + 1] : s + 1;
-        delta_rule_span(q, k, v, g, beta, pool + (slots[s] * hv + h) * dk * dv, out, t0, t1, h, h / heads_per_key, hv,
-                        dk, dv, q_stride, k_stride, v_stride, scale, qk_bf16, is_bf16);
+#pragma omp parallel num_threads(threads)
+    {
+        /* A head that forgets fast (g < -87) decays its state by a denormal factor, and
+           denormal arithmetic is ~40x slower: flush to zero here, whatever the caller's
+           thread (and its OpenMP workers, which copy it only when created) has set. */
+        const unsigned csr = denormals_off();
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < n * hv; item++) {
+            const int64_t s = item / hv, h = item % hv;
+            const int64_t t0 = cu ? cu[s] : s, t1 = cu ? cu[s + 1] : s + 1;
+            delta_rule_span(q, k, v, g, beta, pool + (slots[s] * hv + h) * dk * dv, out, t0, t1, h, h / heads_per_key,
+                            hv, dk, dv, q_stride, k_stride, v_stride, scale, qk_bf16, is_bf16);
+        }
+        denormals_restore(csr);
     }
 }
 

@@ -7,8 +7,9 @@ over a (Dk, Dv) state per value head; the output is RMS-normalised, gated by sil
 projected back.
 
 In serving mode each sequence owns a state slot (conv + recurrent state, zeroed when the slot
-is handed out): decodes take the single-step recurrent form, prefill chunks the chunked form
-starting from the slot's state, and both write the final state back to the slot.
+is handed out). Decodes and prefill chunks run from the slot's state and leave the new state
+in it (`Kernels.conv1d_decode`, `gated_delta_decode`, `gated_delta_prefill`: on CPU, C kernels
+updating the pools in place). Training (no slots) takes the chunked, differentiable forms.
 """
 
 from __future__ import annotations

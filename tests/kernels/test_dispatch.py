@@ -74,6 +74,7 @@ def test_cpu_never_picks_fla_or_flash_attn_even_when_they_import(mode, dtype):
     assert "fla" not in kernels.name and "flash" not in kernels.name
     assert kernels.chunk_gated_delta_rule is gated_delta.chunk_gated_delta_rule
     assert kernels.gated_delta_decode in (gated_delta.gated_delta_decode, gated_delta.gated_delta_decode_cpu)
+    assert kernels.gated_delta_prefill in (gated_delta.gated_delta_prefill, gated_delta.gated_delta_prefill_cpu)
     assert kernels.paged_attention in (attention.paged_attention, attention.paged_attention_cpu)
 
 
@@ -83,6 +84,7 @@ def test_cuda_picks_fla_and_flash_attn_when_they_import():
     assert kernels.name == "cuda+flash-attn+fla"
     assert kernels.chunk_gated_delta_rule is gated_delta.fla_chunk_gated_delta_rule
     assert kernels.gated_delta_decode is gated_delta.fla_gated_delta_decode
+    assert kernels.gated_delta_prefill is gated_delta.fla_gated_delta_prefill
     assert kernels.paged_attention is attention.flash_paged_attention
     # fla's chunk kernel rejects fp32, flash-attn's paged path needs 256-token pages.
     assert select_kernels(CUDA, "auto", torch.float32, block_size=256).name == "cuda"

@@ -317,6 +317,39 @@ def test_cpu_kernels_refuse_slots_outside_the_pool():
     for slots in (torch.tensor([0, 2]), torch.tensor([-1, 0]), torch.tensor([1, 1])):
         with torch.inference_mode(), pytest.raises(IndexError, match="state slots"):
             gated_delta_decode_cpu(inputs.q, inputs.k, inputs.v, inputs.g, inputs.beta, pool, slots, inputs.scale)
+        with torch.inference_mode(), pytest.raises(IndexError, match="state slots"):
+            gated_delta_prefill_cpu(inputs.q, inputs.k, inputs.v, inputs.g, inputs.beta, inputs.cu_seqlens, pool, slots,
+                                    inputs.scale)
+
+
+def test_cpu_prefill_never_runs_c_on_cu_seqlens_that_do_not_cover_the_tokens():
+    """The C loop trusts cu_seqlens to index the tokens; the guard refuses any that do not."""
+    from kernels.gated_delta import _gated_delta_cpu
+
+    inputs = make_inputs(Shape((3, 4), 1, 2, 8, 8), torch.float32, with_state=False)
+    pool, slots = torch.zeros(2, 2, 8, 8), torch.tensor([0, 1])
+    args = (inputs.q, inputs.k, inputs.v, inputs.g, inputs.beta)
+    with torch.inference_mode():
+        assert _gated_delta_cpu(*args, inputs.cu_seqlens, pool, slots, inputs.scale) is not None
+        for cu in ([0, 3, 9], [1, 3, 7], [0, 5, 3, 7][:3], [0, 7]):
+            assert _gated_delta_cpu(*args, torch.tensor(cu), pool, slots, inputs.scale) is None, cu
+
+
+def test_cpu_prefill_of_fast_forgetting_heads_matches_the_reference():
+    """Log-decays around -90 make exp(g) denormal; the kernel flushes those to zero itself
+    (denormal arithmetic would be ~40x slower), which changes nothing above 1e-38."""
+    inputs = make_inputs(Shape((40, 7), 1, 2, 16, 16), torch.float32, with_state=False)
+    inputs = replace(inputs, g=torch.full_like(inputs.g, -90.0))
+    pool = torch.randn(3, 2, 16, 16, generator=torch.Generator().manual_seed(4))
+    slots = torch.tensor([2, 0])
+    expected_pool = pool.clone()
+    expected = gated_delta_prefill(inputs.q, inputs.k, inputs.v, inputs.g, inputs.beta, inputs.cu_seqlens, expected_pool,
+                                   slots, inputs.scale, rule=naive_gated_delta_rule)
+    with torch.inference_mode():
+        out = gated_delta_prefill_cpu(inputs.q, inputs.k, inputs.v, inputs.g, inputs.beta, inputs.cu_seqlens, pool,
+                                      slots, inputs.scale)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-30)
+    torch.testing.assert_close(pool, expected_pool, rtol=1e-5, atol=1e-30)
 
 
 # --- transformers' Qwen3.5 torch implementation -----------------------------------------------
