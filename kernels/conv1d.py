@@ -97,17 +97,17 @@ def causal_conv1d_cpu(
 ) -> tuple[Tensor, Tensor]:
     """`causal_conv1d` in one C pass (kernels/csrc/linear_attention.c); the torch form under
     autograd or for other layouts/dtypes. x may be a row-strided view (of a fused projection)."""
-    fn = cpu_ext.function("linear_attention", "conv1d_prefill", _PREFILL_ARGS) if cpu_ext.fast_path_ok(x, weight) else None
+    ok = cpu_ext.fast_path_ok(x, weight, initial_state) and cu_seqlens.device.type == "cpu"
+    fn = cpu_ext.function("linear_attention", "conv1d_prefill", _PREFILL_ARGS) if ok else None
     channels, kernel_width = weight.shape
     num_seqs = cu_seqlens.numel() - 1
     cu = cu_seqlens.to(torch.int64).contiguous()
-    bounds = cu.tolist()
     if (
         fn is None
         or activation not in (None, "silu")
         or x.dtype != weight.dtype
         or x.shape[1] != channels or x.stride(1) != 1
-        or bounds[0] != 0 or bounds[-1] != x.shape[0] or any(a > b for a, b in zip(bounds, bounds[1:]))
+        or not cpu_ext.packed_bounds_ok(cu.tolist(), x.shape[0])
         or (initial_state is not None and (initial_state.dtype != x.dtype or initial_state.shape != (num_seqs, channels, kernel_width - 1)))
     ):
         return causal_conv1d(x, weight, cu_seqlens, initial_state, activation)
@@ -145,7 +145,8 @@ def conv1d_decode_cpu(x: Tensor, weight: Tensor, pool: Tensor, slots: Tensor, ac
     """`conv1d_decode` in one C pass (kernels/csrc/linear_attention.c), each state updated in
     place in the pool; the torch form under autograd or for other layouts/dtypes. x may be a
     row-strided view (of a fused projection)."""
-    fn = cpu_ext.function("linear_attention", "conv1d_step", _STEP_ARGS) if cpu_ext.fast_path_ok(x, weight, pool) else None
+    ok = cpu_ext.fast_path_ok(x, weight, pool) and slots.device.type == "cpu"
+    fn = cpu_ext.function("linear_attention", "conv1d_step", _STEP_ARGS) if ok else None
     channels, kernel_width = weight.shape
     if (
         fn is None

@@ -3,7 +3,8 @@
 No torch headers are involved (a torch C++ extension takes ~40 s to build; these take ~1 s):
 the C functions take raw pointers and strides; each Python wrapper checks the layout its
 kernel accepts. The shared object is cached under the system temp dir, keyed by the hash of
-the source and csrc/'s headers and by the compiler flags, and rebuilt when any changes. If no compiler is available the callers fall back to pure torch.
+the source and csrc/'s headers and by the compiler flags, and rebuilt when any changes. If
+no compiler is available the callers fall back to pure torch.
 """
 
 from __future__ import annotations
@@ -99,6 +100,11 @@ def check_slots(slots, num_slots: int) -> None:
     ids = slots.tolist()
     if ids and (min(ids) < 0 or max(ids) >= num_slots or len(set(ids)) != len(ids)):
         raise IndexError(f"state slots {ids} out of range [0, {num_slots}) or repeated")
+
+
+def packed_bounds_ok(bounds: list[int], num_tokens: int) -> bool:
+    """cu_seqlens a C kernel may index packed tokens with: from 0 to num_tokens, never down."""
+    return bounds[0] == 0 and bounds[-1] == num_tokens and all(a <= b for a, b in zip(bounds, bounds[1:]))
 
 
 def fast_path_ok(*tensors) -> bool:

@@ -164,22 +164,19 @@ def gated_delta_prefill_cpu(
 def _gated_delta_cpu(q, k, v, g, beta, cu_seqlens: Tensor | None, pool: Tensor, slots: Tensor, scale: float):
     """The C kernel over packed sequences (`cu_seqlens`; None: one token per sequence), or None
     when it cannot take these inputs."""
-    tensors = (q, k, v, g, beta, pool, slots, cu_seqlens)
-    fn = cpu_ext.function("linear_attention", "gated_delta", _ARGS) if cpu_ext.fast_path_ok(q, k, v) else None
-    if any(x is not None and x.device.type != "cpu" for x in tensors):
-        fn = None
+    ok = cpu_ext.fast_path_ok(q, k, v, g, beta, pool) and slots.device.type == "cpu"
+    ok = ok and (cu_seqlens is None or cu_seqlens.device.type == "cpu")
+    fn = cpu_ext.function("linear_attention", "gated_delta", _ARGS) if ok else None
     t, hk, dk = k.shape
     hv, dv = v.shape[1], v.shape[2]
     n = slots.shape[0] if slots.dim() == 1 else -1
     cu = None if cu_seqlens is None else cu_seqlens.to(torch.int64).contiguous()
-    bounds = None if cu is None else cu.tolist()
     if (
         fn is None
         or q.dtype != k.dtype
         or q.shape != k.shape
         or v.shape[0] != t or g.shape != (t, hv) or beta.shape != (t, hv)
-        or (n != t if cu is None else n != len(bounds) - 1)
-        or (cu is not None and (bounds[0] != 0 or bounds[-1] != t or any(a > b for a, b in zip(bounds, bounds[1:]))))
+        or (n != t if cu is None else n != cu.numel() - 1 or not cpu_ext.packed_bounds_ok(cu.tolist(), t))
         or max(dk, dv) > _MAX_HEAD_DIM
         or hv % hk
         or any(x.stride(2) != 1 or x.stride(1) != x.shape[2] for x in (q, k, v))
