@@ -77,6 +77,27 @@ def test_preemption_recomputes_and_keeps_outputs(arch, tiny_model_dirs, prompts)
     assert_idle(starved)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("budget", [2, 3])
+def test_hybrid_state_survives_tiny_step_budgets_and_preemption(dtype, budget, tiny_model_dirs, prompts):
+    """Budgets of 2 and 3 tokens split every prompt into many chunks (one token beside a decode), so
+    each linear-attention layer carries its conv and recurrent state across dozens of steps,
+    and a starved KV cache preempts requests mid-prefill. Same tokens as the plain engine, in
+    bf16 too (the serving dtype, where the C state kernels run)."""
+    path, _ = tiny_model_dirs["qwen3_5"]
+    model = load_model(path, dtype, "cpu")
+    reference = LLMEngine(model, EngineConfig(block_size=4, num_kv_blocks=400, max_num_batched_tokens=64, max_num_seqs=1))
+    starved = LLMEngine(model, EngineConfig(block_size=4, num_kv_blocks=16, max_num_batched_tokens=budget, max_num_seqs=16))
+    for engine in (reference, starved):
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, greedy())
+    expected = run_to_completion(reference)
+    got = run_to_completion(starved)
+    assert starved.stats().num_preemptions > 0, "the KV budget was meant to force preemption"
+    assert got == expected
+    assert_idle(starved)
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_abort_frees_everything(arch, tiny_model_dirs, prompts):
     path, _ = tiny_model_dirs[arch]
