@@ -31,6 +31,8 @@ from kiln_ray.adapters.store import InvalidAdapterName, parse_ref
 from kiln_ray.node import AdapterChoice
 from kiln_ray.config import KilnConfig
 from kiln_ray.engine.async_engine import EngineDeadError, GenerateRequest
+from kiln_ray.api.structured import response_guide, tool_guide
+from kiln_ray.engine.guide import Guide
 from kiln_ray.engine.sampling_params import SamplingParams
 from kiln_ray.metrics import Metrics
 from kiln_ray.procinfo import process_memory
@@ -169,7 +171,8 @@ class _Routes:
         prompt = self._render(messages, tools, body.chat_template_kwargs)
         prompt += self.tok.encode(forced, add_special_tokens=False) if forced else []
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = self._params(body, prompt, body.token_limit, logprobs)
+        guide = tool_guide(offered, forced) if use_tools else response_guide(body.response_format)
+        params = self._params(body, prompt, body.token_limit, logprobs, guide=guide)
         rid = _response_id("chatcmpl", request)
         choices = [ChoiceText(self.tok, i, body.stop, use_tools, body.skip_special_tokens, forced, body.single_tool_call)
                    for i in range(body.n)]
@@ -193,8 +196,9 @@ class _Routes:
         model = body.model or self.ctx.model_name
         rid = _response_id("cmpl", request)
         runs = []
+        guide = response_guide(body.response_format)
         for p_idx, prompt in enumerate(prompts):
-            params = self._params(body, prompt, body.max_tokens, body.logprobs)
+            params = self._params(body, prompt, body.max_tokens, body.logprobs, guide=guide)
             choices = [
                 ChoiceText(self.tok, p_idx * body.n + i, body.stop, False, body.skip_special_tokens) for i in range(body.n)
             ]
@@ -231,11 +235,12 @@ class _Routes:
         seed + p * n + i when a seed is given."""
         choice = self._choice(body)
         rid = _response_id("batch", request)
+        guide = response_guide(body.response_format)
         runs = []
         for p_idx, messages in enumerate(body.prompts):
             prompt = self._render([m.model_dump(exclude_none=True) for m in messages], None, body.chat_template_kwargs)
             seed = None if body.seed is None else body.seed + p_idx * body.n
-            params = self._params(body, prompt, body.max_tokens, None, seed=seed)
+            params = self._params(body, prompt, body.max_tokens, None, seed=seed, guide=guide)
             choices = [ChoiceText(self.tok, i, body.stop, False, body.skip_special_tokens) for i in range(body.n)]
             runs.append((prompt, params, choices))
         timings = [self._timing() for _ in runs]
@@ -305,7 +310,8 @@ class _Routes:
         return list(prompt)
 
     def _params(
-        self, body: SamplingFields, prompt: list[int], max_tokens: int | None, logprobs: int | None, seed: int | None = None
+        self, body: SamplingFields, prompt: list[int], max_tokens: int | None, logprobs: int | None, seed: int | None = None,
+        guide: Guide | None = None,
     ) -> SamplingParams:
         limit = self.ctx.max_model_len
         if len(prompt) >= limit:
@@ -341,6 +347,7 @@ class _Routes:
                 min_tokens=min(body.min_tokens, max_tokens),
                 logprobs=logprobs,
                 n=body.n,
+                guide=guide,
             )
         except ValueError as error:
             raise APIError(400, str(error)) from None

@@ -63,6 +63,28 @@ class FunctionDef(_Body):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # true: a schema that cannot be enforced is a 400, not a free object
+
+
+class JsonSchemaFormat(_Body):
+    name: str = Field("response", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's response_format: "text" (free), "json_object" (any JSON object) or "json_schema"
+    (JSON valid for the schema; kiln_ray/engine/json_grammar.py lists what is enforced)."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema")
+        return self
 
 
 class Tool(_Body):
@@ -103,6 +125,7 @@ class SamplingFields(_Body):
     skip_special_tokens: bool = True
     adapter: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}(@[1-9][0-9]{0,17})?$", description="Kiln: an adapter name[@version]")
     adapters: list["AdapterWeight"] | None = Field(None, min_length=1, max_length=4, description="compose adapters")
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -148,6 +171,9 @@ class ChatCompletionRequest(SamplingFields):
                 raise ValueError("tool_choice names a function that is not in tools")
         if self.tool_choice in ("required",) and not self.tools:
             raise ValueError("tool_choice 'required' needs tools")
+        if self.response_format is not None and self.response_format.type != "text" and self.offered_tools:
+            raise ValueError("response_format json_object / json_schema cannot be combined with tools "
+                             "(use tool_choice 'none', or leave out response_format)")
         return self
 
     @property

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -24,6 +26,7 @@ from kernels.linear import prepack_wanted
 from kiln_ray.config import EngineConfig, KilnConfig, torch_dtype
 from kiln_ray.engine.adapter_manager import AdapterManager, SlotFill
 from kiln_ray.engine.block_manager import BlockManager
+from kiln_ray.engine.guide import Guide, GuideRuntime, GuideState, TokenVocabulary
 from kiln_ray.engine.request import Request, RequestOutput, RequestStatus
 from kiln_ray.engine.runner import ModelRunner, Sample
 from kiln_ray.engine.sampling_params import SamplingParams
@@ -34,6 +37,7 @@ from kiln_ray.model.lora import AdapterSlots, LoraWeights
 
 log = logging.getLogger(__name__)
 
+GUIDE_CACHE_SIZE = 32  # grammars whose masks are kept (the same tools or schema, request after request)
 
 
 class EngineFullError(RuntimeError):
@@ -58,7 +62,12 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, model: CausalLM, config: EngineConfig, device: torch.device | str = "cpu"):
+    def __init__(
+        self, model: CausalLM, config: EngineConfig, device: torch.device | str = "cpu",
+        tokenizer_path: str | Path | None = None,
+    ):
+        """`tokenizer_path`: where guided requests (SamplingParams.guide) read the token bytes
+        from (the model's directory or GGUF file); without it, such requests are refused."""
         self.model = model
         self.config = config
         self.device = torch.device(device)
@@ -94,6 +103,9 @@ class LLMEngine:
             )
         self.eos_token_ids = frozenset(cfg.eos_token_ids)
         self.requests: dict[str, list[Request]] = {}  # request_id -> its sequences (siblings included)
+        self.tokenizer_path = tokenizer_path
+        self.vocabulary: TokenVocabulary | None = None  # read on the first guided request
+        self._guides: OrderedDict[str, GuideRuntime] = OrderedDict()
         self.num_steps = 0
         self._last_batch = (0, 0)
         self._peak_batch_seqs = 0
@@ -122,7 +134,7 @@ class LLMEngine:
         path = model_path or resolve_model_path(config.model, config.home)
         kernels = select_kernels(device, config.engine.kernels, config.torch_dtype(), config.engine.block_size)
         model = load_model(path, config.torch_dtype(), device, kernels)
-        return cls(model, config.engine, device)
+        return cls(model, config.engine, device, tokenizer_path=path)
 
     def _num_kv_blocks(self, kv_dtype: torch.dtype) -> int:
         """Blocks that fit the budget after the linear-attention state slots (hybrid models:
@@ -183,6 +195,7 @@ class LLMEngine:
         active = sum(1 for group in self.requests.values() for r in group if not r.status.finished)
         if active + params.n > capacity:
             raise EngineFullError(f"{active} sequences are running or waiting (limit {capacity})")
+        runtime = None if params.guide is None else self._guide_runtime(params.guide)
         entry = None if adapter is None else self.adapters.resolve(adapter, adapter_version)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         cache_key = None if entry is None else entry.cache_key  # KV of one adapter version only
@@ -190,6 +203,9 @@ class LLMEngine:
             Request(request_id, prompt_token_ids, params, index=i, cache_key=cache_key, stop_token_ids=stop_ids)
             for i in range(params.n)
         ]
+        if runtime is not None:
+            for req in group:
+                req.guide = GuideState(params.guide, runtime, stop_ids)
         if entry is not None:
             for req in group:
                 req.adapter = entry
@@ -197,6 +213,25 @@ class LLMEngine:
         group[0].pending_siblings = group[1:]
         self.requests[request_id] = group
         self.scheduler.add(group[0])
+
+    def _guide_runtime(self, guide: Guide) -> GuideRuntime:
+        """The shared runtime (and mask cache) of this guide's grammar; the vocabulary is read
+        from the tokenizer once, on the first guided request."""
+        runtime = self._guides.get(guide.grammar.key)
+        if runtime is not None:
+            self._guides.move_to_end(guide.grammar.key)
+            return runtime
+        if self.vocabulary is None:
+            if self.tokenizer_path is None:
+                raise ValueError("guided decoding needs the model's tokenizer, and this engine has none")
+            from kiln_ray.model.registry import load_tokenizer
+
+            self.vocabulary = TokenVocabulary.from_tokenizer(load_tokenizer(self.tokenizer_path), self.model.config.vocab_size)
+            log.info("guided decoding: read the bytes of %d tokens", self.vocabulary.size)
+        runtime = self._guides[guide.grammar.key] = GuideRuntime(guide.grammar, self.vocabulary)
+        if len(self._guides) > GUIDE_CACHE_SIZE:
+            self._guides.popitem(last=False)
+        return runtime
 
     def abort(self, request_id: str) -> bool:
         """Stop every sequence of the request and free what they hold. False if unknown."""
@@ -294,6 +329,8 @@ class LLMEngine:
             self.block_manager.cache_full_blocks(req)
         for sample in samples:
             sample.request.token_ids.append(sample.token_id)
+            if sample.request.guide is not None:
+                sample.request.guide.advance(sample.token_id)
         # Fork before any stop check can free the blocks the siblings share.
         for sample in samples:
             if sample.request.pending_siblings:

@@ -56,6 +56,7 @@ class Request:
         self.pending_siblings: list[Request] = []
         self.adapter = None  # the AdapterManager entry this sequence pinned, if any
         self.generator: torch.Generator | None = None
+        self.guide = None  # a GuideState when params.guide is set (LLMEngine.add_request)
         if params.seed is not None:
             # Sibling i of a seeded group samples with seed + i (documented API behaviour).
             self.generator = torch.Generator().manual_seed(params.seed + index)

@@ -2,7 +2,8 @@
 
 Order of operations, all batched over rows:
 
-    1. logit_bias, min_tokens (stop tokens masked), penalties (repetition, presence, frequency)
+    1. logit_bias, min_tokens (stop tokens masked), a guide's mask (tokens outside its grammar),
+       penalties (repetition, presence, frequency)
     2. temperature (greedy rows: 1, for their logprobs)
     3. logprobs = log_softmax of that            <- what the API reports
     4. top-k, top-p, min-p truncation (non-greedy rows that ask for it)
@@ -17,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from kiln_ray.engine.guide import apply_guides
 from kiln_ray.engine.request import Request, TokenLogprob
 
 
@@ -36,6 +38,8 @@ class Sampler:
                 return False
             if p.min_tokens and r.num_output_tokens < p.min_tokens and r.stop_token_ids:
                 return False
+            if r.guide is not None and r.guide.constrained:
+                return False
         return True
 
     def __call__(self, logits: torch.Tensor, rows: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
@@ -48,6 +52,8 @@ class Sampler:
         params = [r.params for r in rows]
         device = logits.device
         self._apply_bias_and_min_tokens(logits, rows)
+        if any(r.guide is not None for r in rows):
+            apply_guides(logits, [r.guide for r in rows])
         if any(p.needs_penalties for p in params):
             self._apply_penalties(logits, rows)
 

@@ -4,6 +4,10 @@ strings are text and live in the ingress)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kiln_ray.engine.guide import Guide
 
 
 # Temperatures below this sample greedily: dividing logits by a smaller one overflows float32
@@ -17,8 +21,8 @@ class SamplingParams:
     greedy.
 
     Logprobs, when asked for (`logprobs` = number of alternatives, 0 = the chosen token only),
-    are log-softmax of the logits after logit_bias, penalties and temperature, before top-k /
-    top-p / min-p truncation (greedy requests: temperature 1).
+    are log-softmax of the logits after logit_bias, a guide's mask, penalties and temperature,
+    before top-k / top-p / min-p truncation (greedy requests: temperature 1).
     """
 
     max_tokens: int = 16
@@ -36,6 +40,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     n: int = 1
+    guide: Guide | None = None  # keep the output inside a grammar (kiln_ray/engine/guide.py)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -34,7 +34,7 @@ def make_app(model_dir, home=None, training: dict | None = None, server: dict | 
                         training=TrainingConfig(**(training or {})), **{"request_timeout_s": 60, **(server or {})})
     model = load_model(model_dir, torch.float32, "cpu")
     metrics = EngineMetrics()
-    engine = AsyncLLMEngine(LLMEngine(model, engine_cfg), on_step=metrics.on_step)
+    engine = AsyncLLMEngine(LLMEngine(model, engine_cfg, tokenizer_path=model_dir), on_step=metrics.on_step)
     writer = AdapterStore(config.adapter_dir)  # created first: a read-only store needs the folder
     node = ServingNode(engine, AdapterStore(config.adapter_dir, read_only=True), config.state_dir, None, metrics)
     service = None

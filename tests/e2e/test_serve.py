@@ -45,6 +45,31 @@ def test_capital_of_france_is_paris(client, model_id):
     assert resp.usage.completion_tokens > 0
 
 
+def test_structured_output_and_a_forced_tool_call_over_ray(client, model_id):
+    """The guide travels with the request through Ray to the engine replica, which reads the
+    token bytes from the model's tokenizer: the reply is a document valid for the schema, and a
+    forced call's arguments fit the function's parameters."""
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+              "required": ["city", "country"], "additionalProperties": False}
+    resp = client.chat.completions.create(
+        model=model_id, messages=FRANCE, max_tokens=48, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}})
+    answer = json.loads(resp.choices[0].message.content)
+    jsonschema.validate(answer, schema)
+    assert resp.choices[0].finish_reason == "stop" and "Paris" in answer["city"]
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"]}}}
+    resp = client.chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": "What is the weather in Paris?"}], max_tokens=64,
+        temperature=0, tools=[weather], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    call = resp.choices[0].message.tool_calls[0]
+    jsonschema.validate(json.loads(call.function.arguments), weather["function"]["parameters"])
+    assert resp.choices[0].finish_reason == "tool_calls"
+
+
 def test_streamed_chat_matches_non_streamed(client, model_id):
     whole = client.chat.completions.create(model=model_id, messages=FRANCE, max_tokens=24, temperature=0)
     chunks = list(client.chat.completions.create(model=model_id, messages=FRANCE, max_tokens=24, temperature=0,

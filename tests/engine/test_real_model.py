@@ -92,3 +92,40 @@ def test_sixteen_concurrent_mixed_requests_equal_each_alone(model, hf_model, tok
     for i, p in enumerate(prompts):
         assert_same_greedy(batched[str(i)][0], refs[i], hf_model, p, f"prompt {i}", masked_ids=[eos])
     assert engine.stats().kv_blocks_used == 0
+
+
+CITY = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "country": {"type": "string"}, "population_millions": {"type": "number"},
+                   "is_capital": {"type": "boolean"}},
+    "required": ["city", "country", "population_millions", "is_capital"],
+}
+
+
+def test_a_json_schema_guide_makes_the_real_model_answer_in_that_schema(model, tokenizer, default_model_dir):
+    """Left alone, SmolLM2 fills the fields as it likes (seen greedy: "is_capital": "Paris") or
+    wraps the JSON in prose and markdown fences; guided, each answer is one document
+    that validates, with strings the model chose itself, and then EOS."""
+    import json
+
+    import jsonschema
+
+    from kiln_ray.engine.guide import Guide
+    from kiln_ray.engine.json_grammar import compile_schema
+
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=256, max_num_seqs=4), tokenizer_path=default_model_dir)
+    prompt = chat_ids(tokenizer, "Describe Paris as JSON with the keys city, country, population_millions, is_capital.")
+    guide = Guide(compile_schema(CITY), after="stop")
+    engine.add_request("free", prompt, SamplingParams(max_tokens=120, temperature=0.0))
+    engine.add_request("guided", prompt, SamplingParams(max_tokens=120, temperature=0.0, guide=guide))
+    engine.add_request("sampled", prompt, SamplingParams(max_tokens=120, temperature=0.8, seed=1, n=2, guide=guide))
+    out = run_to_completion(engine)
+    free = tokenizer.decode(out["free"][0], skip_special_tokens=True)
+    with pytest.raises((ValueError, jsonschema.ValidationError)):
+        jsonschema.validate(json.loads(free), CITY)  # not a valid document: the guide is what makes it one
+    for request_id, index in (("guided", 0), ("sampled", 0), ("sampled", 1)):
+        ids = out[request_id][index]
+        assert ids[-1] in engine.eos_token_ids, f"{request_id}/{index} did not end at EOS"
+        answer = json.loads(tokenizer.decode(ids, skip_special_tokens=True))
+        jsonschema.validate(answer, CITY)
+        assert "paris" in answer["city"].lower()

@@ -1,0 +1,274 @@
+"""Guided decoding: a request's tokens kept inside a JSON grammar (kiln_ray/engine/json_grammar.py).
+
+    Guide (SamplingParams.guide, built by the ingress)  ->  GuideState per sequence (engine)
+        state: the grammar's parse position, or None while the sequence is free
+        mask(): which token ids may come next     <- Sampler, before temperature and logprobs
+        advance(token): read the sampled token    <- LLMEngine, after each sample
+
+A token is allowed when all its bytes continue the grammar (TokenVocabulary walks the vocabulary
+sorted by bytes, so one failing byte rules out every token that starts with it). Masks are
+cached per (grammar, state) in a GuideRuntime, which the engine shares between requests with the
+same grammar; inside a plain string the mask is the vocabulary's "plain" tokens plus the few
+others that still fit, so the expensive case costs a walk of a few thousand tokens once.
+
+Once a document is complete a "stop" guide allows only stop tokens (EOS), a "free" guide lets the
+sequence go on unconstrained. A guide with a `trigger` starts free and (re)starts its grammar
+whenever the output shows the trigger: tool calls under tool_choice "auto" are free text until
+the model opens `<tool_call>`, then the call must be one of the offered functions with arguments
+that fit its parameters.
+
+Only token bytes are seen here, never decoded text (the ingress keeps the text).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from kiln_ray.engine.json_grammar import Grammar, State
+
+log = logging.getLogger("kiln_ray.engine")
+
+MASK_CACHE_SIZE = 512  # masks kept per grammar
+
+
+@dataclass(frozen=True, eq=False)
+class Guide:
+    """What a request's output must follow. `consumed`: bytes the grammar has read already (the
+    prompt ends with them, e.g. a forced tool call's opening); `trigger`: start free, and start
+    the grammar where these bytes appear in the output (the grammar begins with them)."""
+
+    grammar: Grammar
+    after: Literal["stop", "free"] = "stop"
+    consumed: bytes = b""
+    trigger: bytes = b""
+
+
+class TokenVocabulary:
+    """The bytes of every token id, sorted for prefix walks. A None entry is never allowed inside
+    a document (special tokens such as EOS, ids the tokenizer does not have)."""
+
+    def __init__(self, token_bytes: list[bytes | None]):
+        self.size = len(token_bytes)
+        self.token_bytes = token_bytes
+        entries = sorted((b, i) for i, b in enumerate(token_bytes) if b)
+        self.keys = [b for b, _ in entries]
+        self.ids = [i for _, i in entries]
+        # Plain tokens keep a string a string: no quote, backslash or control byte.
+        plain = [i for b, i in entries if not any(c == 0x22 or c == 0x5C or c < 0x20 for c in b)]
+        self.plain = torch.zeros(self.size, dtype=torch.bool)
+        self.plain[plain] = True
+        other = [(b, i) for b, i in entries if not self.plain[i]]
+        self.other_keys = [b for b, _ in other]
+        self.other_ids = [i for _, i in other]
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, vocab_size: int) -> TokenVocabulary:
+        """Byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3, Qwen) map bytes to printable
+        characters; their tokens are read back through that map. Others (SentencePiece) go
+        through the metaspace and <0xNN> byte-fallback conventions. Special tokens get None."""
+        byte_of = {ch: b for b, ch in _bytes_to_unicode().items()}
+        special = set(tokenizer.all_special_ids)
+        for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+            if getattr(token, "special", False):
+                special.add(tokenizer.convert_tokens_to_ids(token.content))
+        pieces = tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), vocab_size))))
+        byte_level = _is_byte_level(tokenizer)
+        added = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
+        out: list[bytes | None] = [None] * vocab_size
+        for i, piece in enumerate(pieces):
+            if piece is None or i in special:
+                continue
+            if piece in added:
+                out[i] = piece.encode()
+            elif byte_level:
+                try:
+                    out[i] = bytes(byte_of[ch] for ch in piece)
+                except KeyError:
+                    out[i] = piece.encode()
+            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                out[i] = bytes([int(piece[3:5], 16)])
+            else:
+                out[i] = piece.replace("\u2581", " ").encode()
+        return cls(out)
+
+    def allowed(self, grammar: Grammar, state: State) -> torch.Tensor:
+        """Bool mask over token ids: the tokens whose bytes all continue `state`."""
+        mask = torch.zeros(self.size, dtype=torch.bool)
+        if grammar.in_free_string(state):
+            mask |= self.plain
+            ids = _walk(grammar, state, self.other_keys, self.other_ids)
+        else:
+            ids = _walk(grammar, state, self.keys, self.ids)
+        if ids:
+            mask[ids] = True
+        return mask
+
+
+def _walk(grammar: Grammar, state: State, keys: list[bytes], ids: list[int]) -> list[int]:
+    """Ids of the tokens in `keys` (sorted) whose bytes all step from `state`. Tokens sharing a
+    prefix share its steps; a dead prefix prunes all of them at once."""
+    out: list[int] = []
+
+    def walk(lo: int, hi: int, depth: int, st: State) -> None:
+        # keys[lo:hi] all start with the same `depth` bytes, which led to `st`
+        i = lo
+        while i < hi and len(keys[i]) == depth:
+            out.append(ids[i])
+            i += 1
+        while i < hi:
+            key = keys[i]
+            byte = key[depth]
+            j = hi if byte == 255 else bisect.bisect_left(keys, key[:depth] + bytes([byte + 1]), i, hi)
+            nxt = grammar.step(st, byte)
+            if nxt:
+                walk(i, j, depth + 1, nxt)
+            i = j
+
+    walk(0, len(keys), 0, state)
+    return out
+
+
+class GuideRuntime:
+    """One grammar over one vocabulary, with its masks cached (shared by requests)."""
+
+    def __init__(self, grammar: Grammar, vocabulary: TokenVocabulary):
+        self.grammar = grammar
+        self.vocabulary = vocabulary
+        self._masks: OrderedDict[State, torch.Tensor] = OrderedDict()
+
+    def disallowed(self, state: State) -> torch.Tensor:
+        """Bool mask of the token ids `state` rules out (stop tokens included)."""
+        hit = self._masks.get(state)
+        if hit is not None:
+            self._masks.move_to_end(state)
+            return hit
+        mask = ~self.vocabulary.allowed(self.grammar, state)
+        self._masks[state] = mask
+        if len(self._masks) > MASK_CACHE_SIZE:
+            self._masks.popitem(last=False)
+        return mask
+
+
+class GuideState:
+    """One sequence's position in its guide."""
+
+    def __init__(self, guide: Guide, runtime: GuideRuntime, stop_token_ids: frozenset[int]):
+        self.guide = guide
+        self.runtime = runtime
+        self.stop_token_ids = sorted(stop_token_ids)
+        self.state: State | None = None
+        self._tail = b""  # the output's last bytes, while watching for the trigger
+        if guide.consumed or not guide.trigger:
+            self._begin(guide.consumed)
+
+    @property
+    def constrained(self) -> bool:
+        return self.state is not None
+
+    def mask(self) -> tuple[torch.Tensor, list[int]] | None:
+        """(disallowed token ids as a bool mask, stop ids to allow besides), or None: free."""
+        if self.state is None:
+            return None
+        grammar = self.runtime.grammar
+        stops = self.stop_token_ids if grammar.complete(self.state) else []
+        if grammar.finished(self.state) and not stops:
+            return None  # nothing may follow, and nothing can stop it: leave it to max_tokens
+        return self.runtime.disallowed(self.state), stops
+
+    def advance(self, token_id: int) -> None:
+        if token_id in self.stop_token_ids:
+            return
+        data = self.runtime.vocabulary.token_bytes[token_id] if token_id < self.runtime.vocabulary.size else None
+        if self.state is None:
+            self._watch(data or b"")
+            return
+        if data is None:
+            self._release("a token outside the grammar's vocabulary")
+            return
+        state = self.runtime.grammar.feed(self.state, data)
+        if not state:
+            self._release("a token the grammar does not allow")
+            return
+        self.state = state
+        if self.guide.after == "free" and self.runtime.grammar.complete(state):
+            self.state = None
+            self._tail = b""
+
+    def _begin(self, data: bytes) -> bool:
+        grammar = self.runtime.grammar
+        state = grammar.feed(grammar.start, data)
+        if state:
+            self.state = state
+        return bool(state)
+
+    def _watch(self, data: bytes) -> None:
+        trigger = self.guide.trigger
+        if not trigger:
+            return
+        seen = self._tail + data
+        at = seen.find(trigger)
+        if at < 0:
+            self._tail = seen[-(len(trigger) - 1):] if len(trigger) > 1 else b""
+            return
+        self._tail = b""
+        if not self._begin(seen[at:]):
+            log.info("guided decoding: the output opened %r but went on outside the grammar", trigger)
+
+    def _release(self, why: str) -> None:
+        # Only reachable when sampling went around the mask (it cannot today); fail open.
+        log.warning("guided decoding: %s was sampled; the sequence goes on unconstrained", why)
+        self.state = None
+        self._tail = b""
+
+
+def apply_guides(logits: torch.Tensor, guides: list[GuideState | None]) -> None:
+    """Mask each row's disallowed tokens to -inf (rows without a guide untouched)."""
+    vocab = logits.shape[1]
+    for i, g in enumerate(guides):
+        if g is None:
+            continue
+        masked = g.mask()
+        if masked is None:
+            continue
+        disallowed, stops = masked
+        keep = logits[i, stops].clone() if stops else None
+        n = min(vocab, disallowed.shape[0])
+        if bool(disallowed[:n].all()) and not stops:
+            g._release("no token fits the grammar")  # never an all -inf row (NaN softmax)
+            continue
+        logits[i, :n].masked_fill_(disallowed[:n], float("-inf"))
+        if n < vocab:
+            logits[i, n:] = float("-inf")
+        if keep is not None:
+            logits[i, stops] = keep
+
+
+def _is_byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    import json
+
+    spec = json.loads(backend.to_str())
+    decoder = spec.get("decoder") or {}
+    kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", []) or []}
+    return "ByteLevel" in kinds
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map of the 256 bytes onto printable characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars)))

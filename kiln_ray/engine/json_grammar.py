@@ -1,0 +1,452 @@
+"""JSON constrained by a JSON Schema, as a byte-level automaton: which bytes may come next.
+
+`compile_schema` turns a schema (the subset below) into a `Grammar`: a table of nodes. A parse
+position is a `State`, a frozenset of alternatives; each alternative is a stack of frames
+(tuples), the innermost last. `Grammar.step(state, byte)` is the state after one more byte,
+empty when the byte cannot continue any alternative; an alternative whose stack is empty has
+read a complete document. Alternatives are how anyOf, optional object keys, enum values and
+"is this number finished?" stay undecided until a byte decides them.
+
+Enforced: type (one or a list), properties (in the order declared; `required` ones must
+appear, the others may be left out), additionalProperties (a free-form object when there are no
+properties), items, minItems / maxItems, enum, const, anyOf / oneOf, $ref into $defs /
+definitions (recursion allowed). Strings are any JSON string; numbers and integers follow
+JSON's grammar. Annotations (title, description, default, examples, format, ...) are ignored,
+and so are the value limits `minLength`, `maxLength`, `pattern`, `minimum`, `maximum`: the
+output is valid JSON of the right shape, not checked against those.
+
+Whitespace: none at the top level; up to MAX_WHITESPACE bytes of space, tab or newline where
+JSON allows it inside objects and arrays, so a model may indent but not pad forever.
+
+No torch here; kiln_ray/engine/guide.py turns states into token masks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_WHITESPACE = 12
+MAX_DEPTH = 64  # nesting of objects and arrays in one document
+
+Frame = tuple
+Stack = tuple[Frame, ...]
+State = frozenset  # of Stack
+
+_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+_IGNORED = {
+    "title", "description", "default", "examples", "example", "format", "$schema", "$id", "$comment",
+    "deprecated", "readOnly", "writeOnly", "minLength", "maxLength", "pattern", "minimum", "maximum",
+    "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "strict", "name", "nullable", "discriminator",
+}
+_KNOWN = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum", "const",
+          "anyOf", "oneOf", "$ref", "$defs", "definitions"}
+_WS = frozenset(b" \t\n\r")
+_DIGITS = frozenset(b"0123456789")
+_ESCAPES = frozenset(b'"\\/bfnrtu')
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+class SchemaError(ValueError):
+    """The schema cannot be enforced (malformed, or uses a keyword outside the subset)."""
+
+
+@dataclass
+class Node:
+    types: frozenset[str] = frozenset(_TYPES)
+    properties: tuple[tuple[bytes, int], ...] = ()  # (JSON-encoded key, value node), in order
+    required: frozenset[int] = frozenset()  # indexes into properties
+    free_values: int | None = None  # objects without properties: node of every value (None: no such objects)
+    items: int = 0  # node of array items (0 is the any-value node)
+    min_items: int = 0
+    max_items: int | None = None
+    literals: tuple[bytes, ...] | None = None  # enum / const: the only texts allowed
+    any_of: tuple[int, ...] = ()
+
+
+@dataclass
+class Grammar:
+    """Compiled schema; node 0 accepts any JSON value. `start` is the state before the first
+    byte (see `sequence` for text around the document). Picklable plain data."""
+
+    nodes: list[Node]
+    start: State
+    key: str  # identifies the grammar (equal keys, equal grammars)
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __getstate__(self):
+        return {"nodes": self.nodes, "start": self.start, "key": self.key}
+
+    def __setstate__(self, data):
+        self.nodes, self.start, self.key = data["nodes"], data["start"], data["key"]
+        self._memo = {}
+
+    def step(self, state: State, byte: int) -> State:
+        memo_key = (state, byte)
+        hit = self._memo.get(memo_key)
+        if hit is not None:
+            return hit
+        out: set[Stack] = set()
+        for stack in state:
+            if stack:
+                _step(self.nodes, stack, byte, out)
+        result = frozenset(out)
+        if len(self._memo) > 200_000:
+            self._memo.clear()
+        self._memo[memo_key] = result
+        return result
+
+    def feed(self, state: State, data: bytes) -> State:
+        for byte in data:
+            if not state:
+                return state
+            state = self.step(state, byte)
+        return state
+
+    @staticmethod
+    def complete(state: State) -> bool:
+        """Some alternative has read a whole document (a number may still go on, too)."""
+        return any(not stack or _finishes(stack) for stack in state)
+
+    @staticmethod
+    def finished(state: State) -> bool:
+        """Every alternative has read a whole document: no byte can follow."""
+        return bool(state) and all(not stack for stack in state)
+
+    def in_free_string(self, state: State) -> bool:
+        """Every alternative is inside a plain string (not an enum), where any byte but `"`, `\\`
+        and control bytes keeps the state as it is (guide.py's shortcut)."""
+        return bool(state) and all(stack and stack[-1][0] == "S" and stack[-1][1] == 0 for stack in state)
+
+
+def compile_schema(schema: Any, prefix: bytes = b"", suffix: bytes = b"") -> Grammar:
+    """A grammar for `prefix` + one JSON document valid for `schema` + `suffix` (literal bytes).
+    `schema` None or {} (or True) accepts any JSON value; raises SchemaError."""
+    return sequence([(prefix, schema, suffix)])
+
+
+def sequence(choices: list[tuple[bytes, Any, bytes]]) -> Grammar:
+    """A grammar for one of several `prefix + document + suffix` texts, e.g. one tool call out
+    of several, each `<tool_call>{"name": NAME, "arguments": ` + its parameters' schema + `}...`."""
+    compiler = _Compiler()
+    starts: set[Stack] = set()
+    for prefix, schema, suffix in choices:
+        root = compiler.compile_root(schema)
+        stack: Stack = ()
+        if suffix:
+            stack += (("L", suffix, 0),)
+        stack += (("V", root),)
+        if prefix:
+            stack += (("L", prefix, 0),)
+        starts.add(stack)
+    _check_no_empty_cycles(compiler.nodes)
+    key = json.dumps([[p.decode("latin-1"), s, x.decode("latin-1")] for p, s, x in choices], sort_keys=True)
+    return Grammar(compiler.nodes, frozenset(starts), key)
+
+
+class _Compiler:
+    def __init__(self):
+        self.nodes: list[Node] = [Node(free_values=0, items=0)]  # node 0: any value
+        self.root: Any = None
+        self.refs: dict[str, int] = {}
+
+    def compile_root(self, schema: Any) -> int:
+        self.root = schema
+        self.refs = {}
+        return self.compile(schema, 0)
+
+    def compile(self, schema: Any, depth: int) -> int:
+        if depth > MAX_DEPTH:
+            raise SchemaError(f"the schema nests deeper than {MAX_DEPTH} levels")
+        if schema is None or schema is True or schema == {}:
+            return 0
+        if not isinstance(schema, dict):
+            raise SchemaError(f"a schema must be an object, not {type(schema).__name__}")
+        unknown = sorted(k for k in schema if k not in _KNOWN and k not in _IGNORED)
+        if unknown:
+            raise SchemaError(f"unsupported schema keyword(s): {', '.join(unknown)}")
+        if "$ref" in schema:
+            return self._ref(schema["$ref"], depth)
+        node = Node()
+        index = len(self.nodes)
+        self.nodes.append(node)
+        if "const" in schema or "enum" in schema:
+            values = [schema["const"]] if "const" in schema else schema["enum"]
+            if not isinstance(values, list) or not values:
+                raise SchemaError("enum must be a non-empty array")
+            node.literals = tuple(_literal(v) for v in values)
+            return index
+        alternatives = schema.get("anyOf", schema.get("oneOf"))
+        if alternatives is not None:
+            if not isinstance(alternatives, list) or not alternatives:
+                raise SchemaError("anyOf / oneOf must be a non-empty array")
+            node.any_of = tuple(self.compile(s, depth + 1) for s in alternatives)
+            return index
+        node.types = self._types(schema)
+        if "object" in node.types:
+            self._object(node, schema, depth)
+        if "array" in node.types:
+            node.items = self.compile(schema.get("items"), depth + 1)
+            node.min_items = _count(schema, "minItems", 0)
+            node.max_items = _count(schema, "maxItems", None)
+            if node.max_items is not None and node.max_items < node.min_items:
+                raise SchemaError("maxItems is below minItems")
+        return index
+
+    def _types(self, schema: dict) -> frozenset[str]:
+        declared = schema.get("type")
+        if declared is None:
+            return frozenset(_TYPES)
+        names = declared if isinstance(declared, list) else [declared]
+        if not names or any(n not in _TYPES for n in names):
+            raise SchemaError(f"unknown type {declared!r}")
+        types = set(names)
+        if "number" in types:
+            types.discard("integer")
+        return frozenset(types)
+
+    def _object(self, node: Node, schema: dict, depth: int) -> None:
+        properties = schema.get("properties") or {}
+        if not isinstance(properties, dict):
+            raise SchemaError("properties must be an object")
+        required = schema.get("required") or []
+        if not isinstance(required, list) or any(not isinstance(r, str) or r not in properties for r in required):
+            raise SchemaError("required names a property that is not in properties")
+        names = list(properties)
+        node.properties = tuple((_literal(k), self.compile(properties[k], depth + 1)) for k in names)
+        node.required = frozenset(names.index(r) for r in required)
+        extra = schema.get("additionalProperties", True)
+        if not names and extra is not False:
+            node.free_values = 0 if extra is True else self.compile(extra, depth + 1)
+
+    def _ref(self, ref: Any, depth: int) -> int:
+        if not isinstance(ref, str) or not ref.startswith("#/"):
+            raise SchemaError(f"only local $refs (#/$defs/...) are supported, not {ref!r}")
+        if ref in self.refs:
+            return self.refs[ref]
+        target: Any = self.root
+        for part in ref[2:].split("/"):
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                raise SchemaError(f"$ref {ref!r} points at nothing")
+            target = target[part]
+        # Registered before it is compiled, so a recursive schema refers back to itself.
+        placeholder = len(self.nodes)
+        self.nodes.append(Node())
+        self.refs[ref] = placeholder
+        self.nodes[placeholder] = Node(any_of=(self.compile(target, depth + 1),))
+        return placeholder
+
+
+def _check_no_empty_cycles(nodes: list[Node]) -> None:
+    """A $ref that leads back to itself through anyOf / $ref alone (no object or array in
+    between) would expand forever without reading a byte."""
+    done: set[int] = set()
+
+    def visit(index: int, path: set[int]) -> None:
+        if index in path:
+            raise SchemaError("a $ref leads back to itself without an object or array in between")
+        if index in done:
+            return
+        path.add(index)
+        for child in nodes[index].any_of:
+            visit(child, path)
+        path.discard(index)
+        done.add(index)
+
+    for index in range(len(nodes)):
+        visit(index, set())
+
+
+def _count(schema: dict, key: str, default: int | None) -> int | None:
+    value = schema.get(key, default)
+    if value is not default and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise SchemaError(f"{key} must be a non-negative integer")
+    return value
+
+
+def _literal(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(", ", ": ")).encode()
+
+
+# -- the automaton ---------------------------------------------------------------------------
+# Frames:
+#   ("V", node)                        a value of `node` starts with the next byte
+#   ("L", text, pos)                   the literal `text`, `pos` bytes of it read
+#   ("S", mode)                        inside a string: 0 plain, 1 after a backslash, 2-5 \u digits left + 1
+#   ("N", integer, phase)              a number (phases below)
+#   ("O", node, next, phase, ws)       an object; `next`: index of the next candidate property
+#   ("A", node, count, phase, ws)      an array of `count` items so far
+# Number phases: 0 start, 1 after "-", 2 after a leading 0, 3 integer digits, 4 after ".",
+# 5 fraction digits, 6 after e/E, 7 after the exponent sign, 8 exponent digits.
+_NUMBER_DONE = frozenset({2, 3, 5, 8})
+
+
+def _finishes(stack: Stack) -> bool:
+    """Whether the stack is a finished-if-nothing-follows number and nothing else."""
+    return len(stack) == 1 and stack[0][0] == "N" and stack[0][2] in _NUMBER_DONE
+
+
+def _step(nodes: list[Node], stack: Stack, byte: int, out: set[Stack]) -> None:
+    frame = stack[-1]
+    rest = stack[:-1]
+    kind = frame[0]
+    if kind == "L":
+        text, pos = frame[1], frame[2]
+        if text[pos] == byte:
+            out.add(rest if pos + 1 == len(text) else rest + (("L", text, pos + 1),))
+    elif kind == "S":
+        _step_string(frame[1], rest, byte, out)
+    elif kind == "N":
+        _step_number(nodes, frame, rest, byte, out)
+    elif kind == "V":
+        _start_value(nodes, frame[1], rest, byte, out)
+    elif kind == "O":
+        _step_object(nodes, frame, rest, byte, out)
+    elif kind == "A":
+        _step_array(nodes, frame, rest, byte, out)
+
+
+def _start_value(nodes: list[Node], index: int, rest: Stack, byte: int, out: set[Stack]) -> None:
+    if len(rest) > MAX_DEPTH:
+        return
+    node = nodes[index]
+    if node.literals is not None:
+        for text in node.literals:
+            if text[0] == byte:
+                out.add(rest if len(text) == 1 else rest + (("L", text, 1),))
+        return
+    if node.any_of:
+        for child in node.any_of:
+            _start_value(nodes, child, rest, byte, out)
+        return
+    types = node.types
+    if byte == 0x7B and "object" in types:  # {
+        out.add(rest + (("O", index, 0, "first", 0),))
+    elif byte == 0x5B and "array" in types:  # [
+        out.add(rest + (("A", index, 0, "first", 0),))
+    elif byte == 0x22 and "string" in types:  # "
+        out.add(rest + (("S", 0),))
+    elif byte == 0x74 and "boolean" in types:  # t
+        out.add(rest + (("L", b"true", 1),))
+    elif byte == 0x66 and "boolean" in types:  # f
+        out.add(rest + (("L", b"false", 1),))
+    elif byte == 0x6E and "null" in types:  # n
+        out.add(rest + (("L", b"null", 1),))
+    elif "number" in types or "integer" in types:
+        _step_number(nodes, ("N", "number" not in types, 0), rest, byte, out)
+
+
+def _step_string(mode: int, rest: Stack, byte: int, out: set[Stack]) -> None:
+    if mode == 0:
+        if byte == 0x22:
+            out.add(rest)
+        elif byte == 0x5C:
+            out.add(rest + (("S", 1),))
+        elif byte >= 0x20:
+            out.add(rest + (("S", 0),))
+    elif mode == 1:
+        if byte in _ESCAPES:
+            out.add(rest + (("S", 5 if byte == 0x75 else 0),))
+    elif byte in _HEX:  # modes 5..2: that many hex digits of \uXXXX left, + 1
+        out.add(rest + (("S", 0 if mode == 2 else mode - 1),))
+
+
+def _step_number(nodes: list[Node], frame: Frame, rest: Stack, byte: int, out: set[Stack]) -> None:
+    integer, phase = frame[1], frame[2]
+    nxt = None
+    digit = byte in _DIGITS
+    if phase in (0, 1):
+        if byte == 0x2D and phase == 0:
+            nxt = 1
+        elif byte == 0x30:
+            nxt = 2
+        elif digit:
+            nxt = 3
+    elif phase in (2, 3):
+        if digit and phase == 3:
+            nxt = 3
+        elif byte == 0x2E and not integer:
+            nxt = 4
+        elif byte in (0x65, 0x45) and not integer:
+            nxt = 6
+    elif phase in (4, 5):
+        if digit:
+            nxt = 5
+        elif byte in (0x65, 0x45) and phase == 5:
+            nxt = 6
+    elif phase == 6:
+        if byte in (0x2B, 0x2D):
+            nxt = 7
+        elif digit:
+            nxt = 8
+    elif phase in (7, 8) and digit:
+        nxt = 8
+    if nxt is not None:
+        out.add(rest + (("N", integer, nxt),))
+    if phase in _NUMBER_DONE and rest:
+        # The number may end here: the byte belongs to what holds it.
+        _step(nodes, rest, byte, out)
+
+
+def _step_object(nodes: list[Node], frame: Frame, rest: Stack, byte: int, out: set[Stack]) -> None:
+    _, index, nxt, phase, ws = frame
+    node = nodes[index]
+    if byte in _WS and byte != 0x0D:
+        if ws < MAX_WHITESPACE:
+            out.add(rest + (("O", index, nxt, phase, ws + 1),))
+        return
+    if phase in ("first", "next"):
+        if byte == 0x22:
+            if node.properties:
+                for j in _candidates(node, nxt):
+                    key = node.properties[j][0]
+                    out.add(rest + (("O", index, j, "key", 0), ("L", key, 1)))
+            elif node.free_values is not None:
+                out.add(rest + (("O", index, 0, "key", 0), ("S", 0)))
+        elif byte == 0x7D and phase == "first" and _may_close(node, nxt):  # }
+            out.add(rest)
+    elif phase == "key":
+        if byte == 0x3A:  # :
+            out.add(rest + (("O", index, nxt, "colon", 0),))
+    elif phase == "colon":
+        value = node.properties[nxt][1] if node.properties else node.free_values
+        after = nxt + 1 if node.properties else 0
+        _start_value(nodes, value, rest + (("O", index, after, "value", 0),), byte, out)
+    elif phase == "value":
+        if byte == 0x2C and (_candidates(node, nxt) if node.properties else node.free_values is not None):  # ,
+            out.add(rest + (("O", index, nxt, "next", 0),))
+        elif byte == 0x7D and _may_close(node, nxt):
+            out.add(rest)
+
+
+def _candidates(node: Node, nxt: int) -> range:
+    """Properties that may come next: from `nxt` up to the first required one (properties keep
+    their declared order; optional ones may be skipped)."""
+    end = len(node.properties)
+    for j in range(nxt, end):
+        if j in node.required:
+            return range(nxt, j + 1)
+    return range(nxt, end)
+
+
+def _may_close(node: Node, nxt: int) -> bool:
+    return not any(j >= nxt for j in node.required)
+
+
+def _step_array(nodes: list[Node], frame: Frame, rest: Stack, byte: int, out: set[Stack]) -> None:
+    _, index, count, phase, ws = frame
+    node = nodes[index]
+    if byte in _WS and byte != 0x0D:
+        if ws < MAX_WHITESPACE:
+            out.add(rest + (("A", index, count, phase, ws + 1),))
+        return
+    if byte == 0x5D and phase != "next" and count >= node.min_items:  # ]
+        out.add(rest)
+        return
+    if phase in ("first", "next"):
+        if node.max_items is None or count < node.max_items:
+            _start_value(nodes, node.items, rest + (("A", index, count + 1, "value", 0),), byte, out)
+    elif byte == 0x2C and (node.max_items is None or count < node.max_items):
+        out.add(rest + (("A", index, count, "next", 0),))

@@ -1,0 +1,209 @@
+"""The JSON-schema grammar (kiln_ray/engine/json_grammar.py) and its token masks
+(kiln_ray/engine/guide.py), against references: Python's json module and the jsonschema
+package judge every document, and a brute-force feed of every token judges every mask."""
+
+import json
+import random
+
+import jsonschema
+import pytest
+import torch
+
+from kiln_ray.engine.guide import Guide, GuideRuntime, GuideState, TokenVocabulary
+from kiln_ray.engine.json_grammar import SchemaError, compile_schema, sequence
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string"},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer"},
+        "hourly": {"type": "boolean"},
+    },
+    "required": ["city", "days"],
+}
+TREE = {
+    "$defs": {"node": {"type": "object", "properties": {"v": {"type": "integer"},
+                                                        "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+                       "required": ["v", "kids"], "additionalProperties": False}},
+    "$ref": "#/$defs/node",
+}
+MIXED = {
+    "type": "object",
+    "properties": {
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 3},
+        "score": {"type": ["number", "null"]},
+        "kind": {"anyOf": [{"const": "a"}, {"type": "integer"}, {"type": "object", "additionalProperties": {"type": "boolean"}}]},
+    },
+    "required": ["tags", "score", "kind"],
+}
+SCHEMAS = [WEATHER, TREE, MIXED, {"type": "object"}, {}, {"type": "array", "items": {"type": "number"}}]
+
+
+def accepts(schema, text: str) -> bool:
+    grammar = compile_schema(schema)
+    state = grammar.feed(grammar.start, text.encode())
+    return bool(state) and grammar.complete(state)
+
+
+@pytest.mark.parametrize("schema, text, valid", [
+    (WEATHER, '{"city": "Paris", "days": 3}', True),
+    (WEATHER, '{"city":"Paris","unit":"celsius","days":0,"hourly":false}', True),
+    (WEATHER, '{\n  "city": "a\\"b\\u00e9",\n  "days": -12\n}', True),
+    (WEATHER, '{"city": "Paris"}', False),  # a required key left out
+    (WEATHER, '{"days": 3, "city": "Paris"}', False),  # keys in the declared order only
+    (WEATHER, '{"city": "P", "unit": "kelvin", "days": 1}', False),  # not in the enum
+    (WEATHER, '{"city": "P", "days": 1.5}', False),  # an integer
+    (WEATHER, '{"city": "P", "days": 1,}', False),
+    (WEATHER, '{"city": "P", "days": 1, "wind": 2}', False),  # not a property
+    (WEATHER, '{"city": "P", "days": 01}', False),
+    (WEATHER, ' {"city": "P", "days": 1}', False),  # nothing before the document
+    (WEATHER, '{"city": "P", "days": 1} ', False),  # ... or after it
+    (WEATHER, '{"city": "a\nb", "days": 1}', False),  # a raw control byte in a string
+    (WEATHER, '{"city": "\\x", "days": 1}', False),  # not an escape
+    (WEATHER, '{"city":' + " " * 13 + '"P", "days": 1}', False),  # past MAX_WHITESPACE
+    (TREE, '{"v": 1, "kids": [{"v": 2, "kids": []}, {"v": 3, "kids": []}]}', True),
+    (TREE, '{"v": 1, "kids": [{"v": 2}]}', False),
+    (MIXED, '{"tags": ["x"], "score": null, "kind": "a"}', True),
+    (MIXED, '{"tags": ["x", "y", "z"], "score": 1e-3, "kind": {"p": true}}', True),
+    (MIXED, '{"tags": [], "score": 1, "kind": 2}', False),  # minItems
+    (MIXED, '{"tags": ["a", "b", "c", "d"], "score": 1, "kind": 2}', False),  # maxItems
+    (MIXED, '{"tags": ["a"], "score": 1, "kind": "b"}', False),
+    (MIXED, '{"tags": ["a"], "score": 1, "kind": {"p": 1}}', False),
+    ({"type": "object", "additionalProperties": False}, "{}", True),
+    ({"type": "object", "additionalProperties": False}, '{"a": 1}', False),
+    ({}, '[1, -0.5, 2E+7, "s", true, null, {"k": [{}]}]', True),
+    ({}, "1.", False),
+    ({"type": "number"}, "-0", True),
+    ({"const": {"a": [1, "x"]}}, '{"a": [1, "x"]}', True),
+])
+def test_accepts_exactly_the_valid_documents(schema, text, valid):
+    assert accepts(schema, text) is valid
+    if valid:
+        jsonschema.validate(json.loads(text), schema)  # the table itself agrees with the references
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=["weather", "tree", "mixed", "object", "any", "numbers"])
+def test_random_walks_through_the_grammar_are_valid_json_for_the_schema(schema):
+    """Walk the automaton byte by byte, each byte drawn from those it allows: every document
+    that completes parses and validates."""
+    grammar = compile_schema(schema)
+    alphabet = [b for b in range(0x20, 0x7F)] + [0x0A, 0xC3, 0xA9]
+    rng = random.Random(0)
+    completed = 0
+    for _ in range(200):
+        state, out = grammar.start, bytearray()
+        while len(out) < 3000:
+            if grammar.complete(state) and (grammar.finished(state) or rng.random() < 0.3):
+                break
+            options = [b for b in alphabet if grammar.step(state, b)]
+            assert options, f"a dead end after {bytes(out)!r}"
+            # Lean towards bytes that close things, or strings and numbers never end.
+            closing = [b for b in options if b in b'"]}0123456789,tfn']
+            byte = rng.choice(closing if closing and rng.random() < 0.5 else options)
+            out.append(byte)
+            state = grammar.step(state, byte)
+        if not grammar.complete(state):
+            continue
+        completed += 1
+        text = out.decode("utf-8", errors="strict") if out.isascii() else out.decode("utf-8", errors="replace")
+        jsonschema.validate(json.loads(text), schema)
+    assert completed >= 100
+
+
+@pytest.mark.parametrize("schema, error", [
+    ({"type": "object", "allOf": [{}]}, "allOf"),
+    ({"$ref": "https://example.com/s.json"}, "local"),
+    ({"$ref": "#/$defs/missing"}, "points at nothing"),
+    ({"type": "strng"}, "unknown type"),
+    ({"enum": []}, "non-empty"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required"),
+    ({"type": "array", "minItems": 3, "maxItems": 1}, "maxItems"),
+    ([1], "must be an object"),
+    ({"$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "null"}]}}, "$ref": "#/$defs/a"}, "back to itself"),
+    ({"type": "object", "properties": {"a": {}}, "required": [["a"]]}, "required"),
+])
+def test_schemas_it_cannot_enforce_are_refused(schema, error):
+    with pytest.raises(SchemaError, match=error):
+        compile_schema(schema)
+
+
+def test_a_sequence_is_one_of_its_prefixed_documents():
+    grammar = sequence([(b"<call>f:", {"type": "integer"}, b"</call>"), (b"<call>g:", {"type": "boolean"}, b"</call>")])
+    for text, valid in [("<call>f:12</call>", True), ("<call>g:true</call>", True), ("<call>g:12</call>", False),
+                        ("<call>f:12", False), ("<call>h:1</call>", False)]:
+        state = grammar.feed(grammar.start, text.encode())
+        assert (bool(state) and grammar.complete(state)) is valid, text
+
+
+@pytest.fixture(scope="module")
+def smol_vocabulary(default_model_dir):
+    from kiln_ray.model.registry import load_tokenizer
+
+    tokenizer = load_tokenizer(default_model_dir)
+    return tokenizer, TokenVocabulary.from_tokenizer(tokenizer, len(tokenizer))
+
+
+def test_token_bytes_are_what_the_tokenizer_decodes(smol_vocabulary):
+    tokenizer, vocabulary = smol_vocabulary
+    text = '{"città": "Zürich 東京", "n": [1, 2]}\n'
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert b"".join(vocabulary.token_bytes[i] for i in ids) == text.encode()
+    for special in tokenizer.all_special_ids:
+        assert vocabulary.token_bytes[special] is None  # EOS and friends are never document text
+
+
+@pytest.mark.parametrize("prefix", ['', '{', '{"', '{"ci', '{"city": ', '{"city": "Pa', '{"city": "Pa\\', '{"city": "P", ',
+                                    '{"city": "P", "unit": "c', '{"city": "P", "days": 4', '{"city": "P", "days": 4}'])
+def test_masks_equal_a_brute_force_feed_of_every_token(smol_vocabulary, prefix):
+    _, vocabulary = smol_vocabulary
+    grammar = compile_schema(WEATHER)
+    state = grammar.feed(grammar.start, prefix.encode())
+    assert state
+    expected = torch.tensor([b is not None and bool(grammar.feed(state, b)) for b in vocabulary.token_bytes])
+    assert torch.equal(vocabulary.allowed(grammar, state), expected)
+
+
+def _state(tokenizer, vocabulary, guide: Guide, text: str, stop_ids=frozenset({2})) -> GuideState:
+    state = GuideState(guide, GuideRuntime(guide.grammar, vocabulary), stop_ids)
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        state.advance(token)
+    return state
+
+
+def test_a_stop_guide_allows_only_stop_tokens_once_the_document_is_complete(smol_vocabulary):
+    tokenizer, vocabulary = smol_vocabulary
+    guide = Guide(compile_schema(WEATHER), after="stop")
+    state = _state(tokenizer, vocabulary, guide, '{"city": "P", "days": 4')
+    disallowed, stops = state.mask()
+    assert stops == []  # "4" may go on, "}" may close: not complete yet
+    state = _state(tokenizer, vocabulary, guide, '{"city": "P", "days": 4}')
+    disallowed, stops = state.mask()
+    assert stops == [2] and bool(disallowed.all())  # nothing but EOS (let through beside the mask)
+
+
+def test_a_triggered_guide_is_free_until_the_trigger_then_holds_the_call_then_frees_it(smol_vocabulary):
+    tokenizer, vocabulary = smol_vocabulary
+    opening = b'<tool_call>\n{"name": "get_weather", "arguments": '
+    guide = Guide(sequence([(opening, WEATHER, b"}\n</tool_call>")]), after="free", trigger=b"<tool_call>")
+    state = _state(tokenizer, vocabulary, guide, "Let me check the weather. ")
+    assert state.mask() is None  # free text
+    state = _state(tokenizer, vocabulary, guide, "Let me check. <tool_call>\n")
+    disallowed, _ = state.mask()
+    wrong = tokenizer.encode("Sure", add_special_tokens=False)[0]
+    right = tokenizer.encode("{", add_special_tokens=False)[0]
+    assert bool(disallowed[wrong]) and not bool(disallowed[right])
+    state = _state(tokenizer, vocabulary, guide,
+                   'x <tool_call>\n{"name": "get_weather", "arguments": {"city": "P", "days": 2}}\n</tool_call>')
+    assert state.mask() is None  # the call is complete: free again (another may open)
+
+
+def test_a_forced_opening_starts_the_guide_constrained(smol_vocabulary):
+    tokenizer, vocabulary = smol_vocabulary
+    opening = b'<tool_call>\n{"name": "get_weather", "arguments": '
+    guide = Guide(sequence([(opening, WEATHER, b"}\n</tool_call>")]), after="free",
+                  consumed=b'<tool_call>\n{"name": "', trigger=b"<tool_call>")
+    state = _state(tokenizer, vocabulary, guide, "")
+    disallowed, _ = state.mask()
+    allowed = {tokenizer.decode([int(i)]) for i in (~disallowed).nonzero().flatten()}
+    assert allowed and all("get_weather".startswith(a) for a in allowed), allowed
