@@ -42,7 +42,7 @@ _IGNORED = {
 }
 _KNOWN = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum", "const",
           "anyOf", "oneOf", "$ref", "$defs", "definitions"}
-_WS = frozenset(b" \t\n\r")
+_WS = frozenset(b" \t\n")
 _DIGITS = frozenset(b"0123456789")
 _ESCAPES = frozenset(b'"\\/bfnrtu')
 _HEX = frozenset(b"0123456789abcdefABCDEF")
@@ -390,12 +390,20 @@ def _step_number(nodes: list[Node], frame: Frame, rest: Stack, byte: int, out: s
         _step(nodes, rest, byte, out)
 
 
+def _took_whitespace(frame: Frame, rest: Stack, byte: int, out: set[Stack]) -> bool:
+    """Whitespace inside an object or array frame (kind, node, n, phase, ws): counted in the
+    frame, MAX_WHITESPACE bytes in a row at most. True if `byte` was whitespace."""
+    if byte not in _WS:
+        return False
+    if frame[4] < MAX_WHITESPACE:
+        out.add(rest + (frame[:4] + (frame[4] + 1,),))
+    return True
+
+
 def _step_object(nodes: list[Node], frame: Frame, rest: Stack, byte: int, out: set[Stack]) -> None:
-    _, index, nxt, phase, ws = frame
+    _, index, nxt, phase, _ = frame
     node = nodes[index]
-    if byte in _WS and byte != 0x0D:
-        if ws < MAX_WHITESPACE:
-            out.add(rest + (("O", index, nxt, phase, ws + 1),))
+    if _took_whitespace(frame, rest, byte, out):
         return
     if phase in ("first", "next"):
         if byte == 0x22:
@@ -436,11 +444,9 @@ def _may_close(node: Node, nxt: int) -> bool:
 
 
 def _step_array(nodes: list[Node], frame: Frame, rest: Stack, byte: int, out: set[Stack]) -> None:
-    _, index, count, phase, ws = frame
+    _, index, count, phase, _ = frame
     node = nodes[index]
-    if byte in _WS and byte != 0x0D:
-        if ws < MAX_WHITESPACE:
-            out.add(rest + (("A", index, count, phase, ws + 1),))
+    if _took_whitespace(frame, rest, byte, out):
         return
     if byte == 0x5D and phase != "next" and count >= node.min_items:  # ]
         out.add(rest)
