@@ -37,7 +37,7 @@ from kiln_ray.model.lora import AdapterSlots, LoraWeights
 
 log = logging.getLogger(__name__)
 
-GUIDE_CACHE_SIZE = 32  # grammars whose masks are kept (the same tools or schema, request after request)
+GUIDE_CACHE_SIZE = 8  # grammars whose masks are kept (the same tools or schema, request after request)
 
 
 class EngineFullError(RuntimeError):
@@ -362,7 +362,9 @@ class LLMEngine:
 
     def _check_stop(self, req: Request) -> RequestStatus | None:
         last = req.token_ids[-1]
-        if last in req.stop_token_ids and req.num_output_tokens >= req.params.min_tokens:
+        # A complete guided document may stop before min_tokens: nothing else may follow it.
+        done_early = req.guide is not None and req.guide.complete
+        if last in req.stop_token_ids and (req.num_output_tokens >= req.params.min_tokens or done_early):
             return RequestStatus.FINISHED_STOPPED
         if req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH

@@ -30,11 +30,11 @@ from typing import Literal
 
 import torch
 
-from kiln_ray.engine.json_grammar import Grammar, State
+from kiln_ray.engine.json_grammar import Grammar, GrammarOverflow, State
 
 log = logging.getLogger("kiln_ray.engine")
 
-MASK_CACHE_SIZE = 512  # masks kept per grammar
+MASK_CACHE_SIZE = 128  # masks kept per grammar (bool, one byte per token id: 6 MiB at 49k tokens)
 
 
 @dataclass(frozen=True, eq=False)
@@ -171,17 +171,35 @@ class GuideState:
     def constrained(self) -> bool:
         return self.state is not None
 
-    def mask(self) -> tuple[torch.Tensor, list[int]] | None:
-        """(disallowed token ids as a bool mask, stop ids to allow besides), or None: free."""
+    @property
+    def complete(self) -> bool:
+        """A whole document has been read (a "stop" guide then lets the sequence stop, also
+        before min_tokens: nothing else may follow it)."""
+        return self.state is not None and self.runtime.grammar.complete(self.state)
+
+    def mask(self) -> tuple[torch.Tensor, list[int], bool] | None:
+        """(disallowed token ids as a bool mask, stop ids, whether those are allowed besides),
+        or None: free. Stop ids are disallowed until the document is complete."""
         if self.state is None:
             return None
         grammar = self.runtime.grammar
-        stops = self.stop_token_ids if grammar.complete(self.state) else []
-        if grammar.finished(self.state) and not stops:
-            return None  # nothing may follow, and nothing can stop it: leave it to max_tokens
-        return self.runtime.disallowed(self.state), stops
+        complete = grammar.complete(self.state)
+        if grammar.finished(self.state) and not self.stop_token_ids:
+            return None  # nothing may follow, and nothing can stop it (ignore_eos): leave it to max_tokens
+        try:
+            disallowed = self.runtime.disallowed(self.state)
+        except GrammarOverflow as error:
+            self._release(str(error))
+            return None
+        return disallowed, self.stop_token_ids, complete
 
     def advance(self, token_id: int) -> None:
+        try:
+            self._advance(token_id)
+        except GrammarOverflow as error:
+            self._release(str(error))
+
+    def _advance(self, token_id: int) -> None:
         if token_id in self.stop_token_ids:
             return
         data = self.runtime.vocabulary.token_bytes[token_id] if token_id < self.runtime.vocabulary.size else None
@@ -189,11 +207,11 @@ class GuideState:
             self._watch(data or b"")
             return
         if data is None:
-            self._release("a token outside the grammar's vocabulary")
+            self._release("a token outside the grammar's vocabulary was sampled")
             return
         state = self.runtime.grammar.feed(self.state, data)
         if not state:
-            self._release("a token the grammar does not allow")
+            self._release("a token the grammar does not allow was sampled")
             return
         self.state = state
         if self.guide.after == "free" and self.runtime.grammar.complete(state):
@@ -218,11 +236,12 @@ class GuideState:
             return
         self._tail = b""
         if not self._begin(seen[at:]):
+            self.state = None
             log.info("guided decoding: the output opened %r but went on outside the grammar", trigger)
 
     def _release(self, why: str) -> None:
-        # Only reachable when sampling went around the mask (it cannot today); fail open.
-        log.warning("guided decoding: %s was sampled; the sequence goes on unconstrained", why)
+        # A token that went around the mask (none can today) or a state too large: fail open.
+        log.warning("guided decoding: %s; the sequence goes on unconstrained", why)
         self.state = None
         self._tail = b""
 
@@ -236,17 +255,21 @@ def apply_guides(logits: torch.Tensor, guides: list[GuideState | None]) -> None:
         masked = g.mask()
         if masked is None:
             continue
-        disallowed, stops = masked
-        keep = logits[i, stops].clone() if stops else None
+        disallowed, stops, stops_allowed = masked
+        stops = [t for t in stops if t < vocab]
+        keep = logits[i, stops].clone() if stops_allowed and stops else None
         n = min(vocab, disallowed.shape[0])
-        if bool(disallowed[:n].all()) and not stops:
+        if bool(disallowed[:n].all()) and keep is None:
             g._release("no token fits the grammar")  # never an all -inf row (NaN softmax)
             continue
         logits[i, :n].masked_fill_(disallowed[:n], float("-inf"))
         if n < vocab:
             logits[i, n:] = float("-inf")
         if keep is not None:
-            logits[i, stops] = keep
+            # min_tokens may have masked them: a complete document may stop regardless.
+            logits[i, stops] = torch.where(torch.isfinite(keep), keep, torch.zeros_like(keep))
+        elif stops:
+            logits[i, stops] = float("-inf")
 
 
 def _is_byte_level(tokenizer) -> bool:

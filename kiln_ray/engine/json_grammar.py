@@ -29,6 +29,10 @@ from typing import Any
 
 MAX_WHITESPACE = 12
 MAX_DEPTH = 64  # nesting of objects and arrays in one document
+# Bounds on what one request can make the engine's step thread do (a schema arrives from a client):
+MAX_NODES = 4096  # subschemas in one grammar
+MAX_CHOICES = 1024  # enum values, properties or anyOf alternatives of one subschema
+MAX_ALTERNATIVES = 256  # alternatives one parse state may hold; past it, GrammarOverflow
 
 Frame = tuple
 Stack = tuple[Frame, ...]
@@ -50,6 +54,11 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 class SchemaError(ValueError):
     """The schema cannot be enforced (malformed, or uses a keyword outside the subset)."""
+
+
+class GrammarOverflow(RuntimeError):
+    """A parse state grew past MAX_ALTERNATIVES (anyOf alternatives that stay undecided, nested);
+    the guide gives up on the request rather than slow the engine down."""
 
 
 @dataclass
@@ -91,8 +100,10 @@ class Grammar:
         for stack in state:
             if stack:
                 _step(self.nodes, stack, byte, out)
+        if len(out) > MAX_ALTERNATIVES:
+            raise GrammarOverflow(f"a parse state of more than {MAX_ALTERNATIVES} alternatives")
         result = frozenset(out)
-        if len(self._memo) > 200_000:
+        if len(self._memo) > 50_000:
             self._memo.clear()
         self._memo[memo_key] = result
         return result
@@ -140,8 +151,9 @@ def sequence(choices: list[tuple[bytes, Any, bytes]]) -> Grammar:
         if prefix:
             stack += (("L", prefix, 0),)
         starts.add(stack)
-    _check_no_empty_cycles(compiler.nodes)
-    key = json.dumps([[p.decode("latin-1"), s, x.decode("latin-1")] for p, s, x in choices], sort_keys=True)
+    _flatten_alternatives(compiler.nodes)
+    # Not sort_keys: property order is part of the grammar.
+    key = json.dumps([[p.decode("latin-1"), s, x.decode("latin-1")] for p, s, x in choices])
     return Grammar(compiler.nodes, frozenset(starts), key)
 
 
@@ -166,21 +178,39 @@ class _Compiler:
         unknown = sorted(k for k in schema if k not in _KNOWN and k not in _IGNORED)
         if unknown:
             raise SchemaError(f"unsupported schema keyword(s): {', '.join(unknown)}")
+        constraining = {k for k in schema if k not in _IGNORED and k not in ("$defs", "definitions")}
         if "$ref" in schema:
+            if constraining != {"$ref"}:
+                raise SchemaError(f"$ref beside {', '.join(sorted(constraining - {'$ref'}))} is not supported")
             return self._ref(schema["$ref"], depth)
+        if len(self.nodes) >= MAX_NODES:
+            raise SchemaError(f"the schema has more than {MAX_NODES} subschemas")
         node = Node()
         index = len(self.nodes)
         self.nodes.append(node)
         if "const" in schema or "enum" in schema:
+            if constraining - {"const", "enum", "type"} or {"const", "enum"} <= constraining:
+                raise SchemaError("enum / const beside other constraints is not supported")
             values = [schema["const"]] if "const" in schema else schema["enum"]
-            if not isinstance(values, list) or not values:
-                raise SchemaError("enum must be a non-empty array")
+            if not isinstance(values, list) or not values or len(values) > MAX_CHOICES:
+                raise SchemaError(f"enum must be an array of 1 to {MAX_CHOICES} values")
+            if "type" in schema:
+                types = self._types(schema)
+                values = [v for v in values if _json_type(v) in types or (_json_type(v) == "integer" and "number" in types)]
+                if not values:
+                    raise SchemaError("no enum value has the schema's type")
             node.literals = tuple(_literal(v) for v in values)
             return index
+        if "anyOf" in schema and "oneOf" in schema:
+            raise SchemaError("anyOf and oneOf together are not supported")
         alternatives = schema.get("anyOf", schema.get("oneOf"))
         if alternatives is not None:
-            if not isinstance(alternatives, list) or not alternatives:
-                raise SchemaError("anyOf / oneOf must be a non-empty array")
+            if not isinstance(alternatives, list) or not alternatives or len(alternatives) > MAX_CHOICES:
+                raise SchemaError(f"anyOf / oneOf must be an array of 1 to {MAX_CHOICES} schemas")
+            # Constraints beside anyOf apply to every alternative (oneOf is enforced as anyOf).
+            beside = {k: schema[k] for k in constraining - {"anyOf", "oneOf"}}
+            if beside:
+                alternatives = [{**beside, **a} if isinstance(a, dict) else a for a in alternatives]
             node.any_of = tuple(self.compile(s, depth + 1) for s in alternatives)
             return index
         node.types = self._types(schema)
@@ -214,6 +244,8 @@ class _Compiler:
         if not isinstance(required, list) or any(not isinstance(r, str) or r not in properties for r in required):
             raise SchemaError("required names a property that is not in properties")
         names = list(properties)
+        if len(names) > MAX_CHOICES:
+            raise SchemaError(f"an object schema may have at most {MAX_CHOICES} properties")
         node.properties = tuple((_literal(k), self.compile(properties[k], depth + 1)) for k in names)
         node.required = frozenset(names.index(r) for r in required)
         extra = schema.get("additionalProperties", True)
@@ -239,24 +271,49 @@ class _Compiler:
         return placeholder
 
 
-def _check_no_empty_cycles(nodes: list[Node]) -> None:
-    """A $ref that leads back to itself through anyOf / $ref alone (no object or array in
-    between) would expand forever without reading a byte."""
-    done: set[int] = set()
+def _flatten_alternatives(nodes: list[Node]) -> None:
+    """Make every anyOf node (anyOf, oneOf, $ref) list the plain nodes it stands for, so a
+    value starts with one loop, however long a chain of $refs was. Iterative: a chain can be
+    longer than Python's recursion limit. A $ref leading back to itself through anyOf / $ref
+    alone (no object or array in between) would expand forever: a SchemaError."""
+    leaves: dict[int, tuple[int, ...]] = {}
+    for root in range(len(nodes)):
+        if not nodes[root].any_of or root in leaves:
+            continue
+        stack, on_path = [(root, 0)], {root}
+        while stack:
+            index, i = stack[-1]
+            children = nodes[index].any_of
+            if i < len(children):
+                stack[-1] = (index, i + 1)
+                child = children[i]
+                if not nodes[child].any_of or child in leaves:
+                    continue
+                if child in on_path:
+                    raise SchemaError("a $ref leads back to itself without an object or array in between")
+                on_path.add(child)
+                stack.append((child, 0))
+                continue
+            stack.pop()
+            on_path.discard(index)
+            flat = dict.fromkeys(leaf for c in children for leaf in (leaves[c] if nodes[c].any_of else (c,)))
+            if len(flat) > MAX_CHOICES:
+                raise SchemaError(f"a subschema stands for more than {MAX_CHOICES} alternatives")
+            leaves[index] = tuple(flat)
+    for index, flat in leaves.items():
+        nodes[index].any_of = flat
 
-    def visit(index: int, path: set[int]) -> None:
-        if index in path:
-            raise SchemaError("a $ref leads back to itself without an object or array in between")
-        if index in done:
-            return
-        path.add(index)
-        for child in nodes[index].any_of:
-            visit(child, path)
-        path.discard(index)
-        done.add(index)
 
-    for index in range(len(nodes)):
-        visit(index, set())
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), "?")
 
 
 def _count(schema: dict, key: str, default: int | None) -> int | None:
@@ -267,7 +324,10 @@ def _count(schema: dict, key: str, default: int | None) -> int | None:
 
 
 def _literal(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(", ", ": ")).encode()
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(", ", ": "), allow_nan=False).encode()
+    except ValueError:
+        raise SchemaError("NaN and Infinity are not JSON") from None
 
 
 # -- the automaton ---------------------------------------------------------------------------
@@ -318,7 +378,7 @@ def _start_value(nodes: list[Node], index: int, rest: Stack, byte: int, out: set
                 out.add(rest if len(text) == 1 else rest + (("L", text, 1),))
         return
     if node.any_of:
-        for child in node.any_of:
+        for child in node.any_of:  # plain nodes only (_flatten_alternatives)
             _start_value(nodes, child, rest, byte, out)
         return
     types = node.types
@@ -453,6 +513,8 @@ def _step_array(nodes: list[Node], frame: Frame, rest: Stack, byte: int, out: se
         return
     if phase in ("first", "next"):
         if node.max_items is None or count < node.max_items:
-            _start_value(nodes, node.items, rest + (("A", index, count + 1, "value", 0),), byte, out)
+            # The count matters only up to the limits: past them, one state (and one cached mask).
+            bound = node.max_items if node.max_items is not None else node.min_items
+            _start_value(nodes, node.items, rest + (("A", index, min(count + 1, bound), "value", 0),), byte, out)
     elif byte == 0x2C and (node.max_items is None or count < node.max_items):
         out.add(rest + (("A", index, count, "next", 0),))

@@ -116,7 +116,12 @@ def test_random_walks_through_the_grammar_are_valid_json_for_the_schema(schema):
     ({"$ref": "https://example.com/s.json"}, "local"),
     ({"$ref": "#/$defs/missing"}, "points at nothing"),
     ({"type": "strng"}, "unknown type"),
-    ({"enum": []}, "non-empty"),
+    ({"enum": []}, "1 to"),
+    ({"enum": list(range(2000))}, "1 to"),
+    ({"const": float("nan")}, "NaN"),
+    ({"type": "string", "enum": [1, 2]}, "type"),
+    ({"$ref": "#/$defs/a", "type": "string", "$defs": {"a": {}}}, "beside"),
+    ({"anyOf": [{}], "oneOf": [{}]}, "together"),
     ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required"),
     ({"type": "array", "minItems": 3, "maxItems": 1}, "maxItems"),
     ([1], "must be an object"),
@@ -175,11 +180,17 @@ def test_a_stop_guide_allows_only_stop_tokens_once_the_document_is_complete(smol
     tokenizer, vocabulary = smol_vocabulary
     guide = Guide(compile_schema(WEATHER), after="stop")
     state = _state(tokenizer, vocabulary, guide, '{"city": "P", "days": 4')
-    disallowed, stops = state.mask()
-    assert stops == []  # "4" may go on, "}" may close: not complete yet
+    _, stops, allowed = state.mask()
+    assert stops == [2] and not allowed  # "4" may go on, "}" may close: not complete yet
     state = _state(tokenizer, vocabulary, guide, '{"city": "P", "days": 4}')
-    disallowed, stops = state.mask()
-    assert stops == [2] and bool(disallowed.all())  # nothing but EOS (let through beside the mask)
+    disallowed, stops, allowed = state.mask()
+    assert stops == [2] and allowed and bool(disallowed.all())  # nothing but EOS (let through beside the mask)
+    logits = torch.zeros(1, vocabulary.size)
+    logits[0, 2] = float("-inf")  # as min_tokens leaves it
+    from kiln_ray.engine.guide import apply_guides
+
+    apply_guides(logits, [state])
+    assert logits[0].argmax().item() == 2 and torch.isfinite(logits[0, 2])  # a complete document may stop
 
 
 def test_a_triggered_guide_is_free_until_the_trigger_then_holds_the_call_then_frees_it(smol_vocabulary):
@@ -189,7 +200,7 @@ def test_a_triggered_guide_is_free_until_the_trigger_then_holds_the_call_then_fr
     state = _state(tokenizer, vocabulary, guide, "Let me check the weather. ")
     assert state.mask() is None  # free text
     state = _state(tokenizer, vocabulary, guide, "Let me check. <tool_call>\n")
-    disallowed, _ = state.mask()
+    disallowed, _, _ = state.mask()
     wrong = tokenizer.encode("Sure", add_special_tokens=False)[0]
     right = tokenizer.encode("{", add_special_tokens=False)[0]
     assert bool(disallowed[wrong]) and not bool(disallowed[right])
@@ -204,6 +215,55 @@ def test_a_forced_opening_starts_the_guide_constrained(smol_vocabulary):
     guide = Guide(sequence([(opening, WEATHER, b"}\n</tool_call>")]), after="free",
                   consumed=b'<tool_call>\n{"name": "', trigger=b"<tool_call>")
     state = _state(tokenizer, vocabulary, guide, "")
-    disallowed, _ = state.mask()
+    disallowed, _, _ = state.mask()
     allowed = {tokenizer.decode([int(i)]) for i in (~disallowed).nonzero().flatten()}
     assert allowed and all("get_weather".startswith(a) for a in allowed), allowed
+
+
+def test_a_ref_chain_longer_than_the_recursion_limit_compiles_and_steps():
+    """$refs chained 5000 deep (each short, so the compiler's depth limit is not the guard)
+    are flattened at compile time: starting a value is one loop, not 5000 calls."""
+    n = 5000
+    defs = {f"a{i}": {"$ref": f"#/$defs/a{i + 1}"} for i in range(n)}
+    defs[f"a{n}"] = {"type": "integer"}
+    properties = {f"p{k}": {"$ref": f"#/$defs/a{n - 30 * (k + 1)}"} for k in range(n // 30)}
+    properties["last"] = {"$ref": "#/$defs/a0"}
+    schema = {"$defs": defs, "type": "object", "properties": properties, "required": ["last"]}
+    assert accepts(schema, '{"last": 7}')
+    assert not accepts(schema, '{"last": "x"}')
+
+
+def test_undecided_alternatives_that_multiply_overflow_instead_of_stalling():
+    from kiln_ray.engine.json_grammar import GrammarOverflow
+
+    twins = {"$defs": {"x": {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/x"}},
+                                       {"type": "array", "items": {"$ref": "#/$defs/x"}}]}}, "$ref": "#/$defs/x"}
+    grammar = compile_schema(twins)
+    with pytest.raises(GrammarOverflow):
+        grammar.feed(grammar.start, b"[" * 20)
+
+
+def test_an_overflowing_guide_lets_the_sequence_go_on_free(smol_vocabulary):
+    tokenizer, vocabulary = smol_vocabulary
+    twins = {"$defs": {"x": {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/x"}},
+                                       {"type": "array", "items": {"$ref": "#/$defs/x"}}]}}, "$ref": "#/$defs/x"}
+    state = _state(tokenizer, vocabulary, Guide(compile_schema(twins)), "[" * 20)
+    assert not state.constrained and state.mask() is None
+
+
+def test_array_lengths_past_their_limits_share_one_state():
+    grammar = compile_schema({"type": "array", "items": {"type": "integer"}})
+    states = {grammar.feed(grammar.start, ("[" + ", ".join(["1"] * k) + ", ").encode()) for k in range(1, 40)}
+    assert len(states) == 1  # one cached mask for the whole array, not one per item
+
+
+def test_property_order_is_part_of_the_grammar_key():
+    xy = compile_schema({"type": "object", "properties": {"x": {}, "y": {}}, "required": ["x", "y"]})
+    yx = compile_schema({"type": "object", "properties": {"y": {}, "x": {}}, "required": ["y", "x"]})
+    assert xy.key != yx.key
+
+
+def test_constraints_beside_any_of_apply_to_every_alternative():
+    schema = {"type": "integer", "anyOf": [{"enum": [1, 2]}, {"type": "integer"}]}
+    assert accepts(schema, "5") and not accepts(schema, '"5"')
+    assert accepts({"type": "string", "enum": ["a", 1]}, '"a"') and not accepts({"type": "string", "enum": ["a", 1]}, "1")
