@@ -8,8 +8,8 @@
 A token is allowed when all its bytes continue the grammar (TokenVocabulary walks the vocabulary
 sorted by bytes, so one failing byte rules out every token that starts with it). Masks are
 cached per (grammar, state) in a GuideRuntime, which the engine shares between requests with the
-same grammar; inside a plain string the mask is the vocabulary's "plain" tokens plus the few
-others that still fit, so the expensive case costs a walk of a few thousand tokens once.
+same grammar; inside a plain string the mask is the vocabulary's "plain" tokens (whole UTF-8 characters,
+no quote, backslash or control byte) plus the others that still fit, so the expensive case costs a walk of a few thousand tokens once.
 
 Once a document is complete a "stop" guide allows only stop tokens (EOS), a "free" guide lets the
 sequence go on unconstrained. A guide with a `trigger` starts free and (re)starts its grammar
@@ -59,8 +59,9 @@ class TokenVocabulary:
         entries = sorted((b, i) for i, b in enumerate(token_bytes) if b)
         self.keys = [b for b, _ in entries]
         self.ids = [i for _, i in entries]
-        # Plain tokens keep a string a string: no quote, backslash or control byte.
-        plain = [i for b, i in entries if not any(c == 0x22 or c == 0x5C or c < 0x20 for c in b)]
+        # Plain tokens keep a string a string: whole UTF-8 characters, none a quote, backslash
+        # or control byte. Byte pieces of a character are walked like the rest.
+        plain = [i for b, i in entries if _plain_text(b)]
         self.plain = torch.zeros(self.size, dtype=torch.bool)
         self.plain[plain] = True
         other = [(b, i) for b, i in entries if not self.plain[i]]
@@ -270,6 +271,16 @@ def apply_guides(logits: torch.Tensor, guides: list[GuideState | None]) -> None:
             logits[i, stops] = torch.where(torch.isfinite(keep), keep, torch.zeros_like(keep))
         elif stops:
             logits[i, stops] = float("-inf")
+
+
+def _plain_text(data: bytes) -> bool:
+    if any(c == 0x22 or c == 0x5C or c < 0x20 for c in data):
+        return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _is_byte_level(tokenizer) -> bool:

@@ -10,7 +10,7 @@ read a complete document. Alternatives are how anyOf, optional object keys, enum
 Enforced: type (one or a list), properties (in the order declared; `required` ones must
 appear, the others may be left out), additionalProperties (a free-form object when there are no
 properties), items, minItems / maxItems, enum, const, anyOf / oneOf, $ref into $defs /
-definitions (recursion allowed). Strings are any JSON string; numbers and integers follow
+definitions (recursion allowed). Strings are any JSON string of valid UTF-8; numbers and integers follow
 JSON's grammar. Annotations (title, description, default, examples, format, ...) are ignored,
 and so are the value limits `minLength`, `maxLength`, `pattern`, `minimum`, `maximum`: the
 output is valid JSON of the right shape, not checked against those.
@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-MAX_WHITESPACE = 12
+MAX_WHITESPACE = 32
 MAX_DEPTH = 64  # nesting of objects and arrays in one document
 # Bounds on what one request can make the engine's step thread do (a schema arrives from a client):
 MAX_NODES = 4096  # subschemas in one grammar
@@ -50,6 +50,13 @@ _WS = frozenset(b" \t\n")
 _DIGITS = frozenset(b"0123456789")
 _ESCAPES = frozenset(b'"\\/bfnrtu')
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+# UTF-8 lead byte -> (bytes still to come, range of the next one): no overlong forms, no
+# surrogates, nothing past U+10FFFF (what Python's strict decoder accepts).
+_UTF8_LEADS = {
+    **{b: (1, 0x80, 0xBF) for b in range(0xC2, 0xE0)},
+    0xE0: (2, 0xA0, 0xBF), **{b: (2, 0x80, 0xBF) for b in (*range(0xE1, 0xED), 0xEE, 0xEF)}, 0xED: (2, 0x80, 0x9F),
+    0xF0: (3, 0x90, 0xBF), **{b: (3, 0x80, 0xBF) for b in range(0xF1, 0xF4)}, 0xF4: (3, 0x80, 0x8F),
+}
 
 
 class SchemaError(ValueError):
@@ -335,6 +342,7 @@ def _literal(value: Any) -> bytes:
 #   ("V", node)                        a value of `node` starts with the next byte
 #   ("L", text, pos)                   the literal `text`, `pos` bytes of it read
 #   ("S", mode)                        inside a string: 0 plain, 1 after a backslash, 2-5 \u digits left + 1
+#   ("S", 6, left, lo, hi)             inside a string, within a UTF-8 sequence (only valid UTF-8 is written)
 #   ("N", integer, phase)              a number (phases below)
 #   ("O", node, next, phase, ws)       an object; `next`: index of the next candidate property
 #   ("A", node, count, phase, ws)      an array of `count` items so far
@@ -357,7 +365,7 @@ def _step(nodes: list[Node], stack: Stack, byte: int, out: set[Stack]) -> None:
         if text[pos] == byte:
             out.add(rest if pos + 1 == len(text) else rest + (("L", text, pos + 1),))
     elif kind == "S":
-        _step_string(frame[1], rest, byte, out)
+        _step_string(frame, rest, byte, out)
     elif kind == "N":
         _step_number(nodes, frame, rest, byte, out)
     elif kind == "V":
@@ -398,14 +406,21 @@ def _start_value(nodes: list[Node], index: int, rest: Stack, byte: int, out: set
         _step_number(nodes, ("N", "number" not in types, 0), rest, byte, out)
 
 
-def _step_string(mode: int, rest: Stack, byte: int, out: set[Stack]) -> None:
+def _step_string(frame: Frame, rest: Stack, byte: int, out: set[Stack]) -> None:
+    mode = frame[1]
     if mode == 0:
         if byte == 0x22:
             out.add(rest)
         elif byte == 0x5C:
             out.add(rest + (("S", 1),))
-        elif byte >= 0x20:
+        elif 0x20 <= byte < 0x80:
             out.add(rest + (("S", 0),))
+        elif byte in _UTF8_LEADS:
+            out.add(rest + (("S", 6) + _UTF8_LEADS[byte],))
+    elif mode == 6:  # inside a UTF-8 sequence: `left` bytes to come, the next in [lo, hi]
+        left, lo, hi = frame[2], frame[3], frame[4]
+        if lo <= byte <= hi:
+            out.add(rest + ((("S", 0),) if left == 1 else (("S", 6, left - 1, 0x80, 0xBF),)))
     elif mode == 1:
         if byte in _ESCAPES:
             out.add(rest + (("S", 5 if byte == 0x75 else 0),))
