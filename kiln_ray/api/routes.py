@@ -171,7 +171,7 @@ class _Routes:
         prompt = self._render(messages, tools, body.chat_template_kwargs)
         prompt += self.tok.encode(forced, add_special_tokens=False) if forced else []
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        guide = tool_guide(offered, forced) if use_tools else response_guide(body.response_format)
+        guide = tool_guide(offered, forced) if use_tools else response_guide(body)
         params = self._params(body, prompt, body.token_limit, logprobs, guide=guide)
         rid = _response_id("chatcmpl", request)
         choices = [ChoiceText(self.tok, i, body.stop, use_tools, body.skip_special_tokens, forced, body.single_tool_call)
@@ -196,7 +196,7 @@ class _Routes:
         model = body.model or self.ctx.model_name
         rid = _response_id("cmpl", request)
         runs = []
-        guide = response_guide(body.response_format)
+        guide = response_guide(body)
         for p_idx, prompt in enumerate(prompts):
             params = self._params(body, prompt, body.max_tokens, body.logprobs, guide=guide)
             choices = [
@@ -235,7 +235,7 @@ class _Routes:
         seed + p * n + i when a seed is given."""
         choice = self._choice(body)
         rid = _response_id("batch", request)
-        guide = response_guide(body.response_format)
+        guide = response_guide(body)
         runs = []
         for p_idx, messages in enumerate(body.prompts):
             prompt = self._render([m.model_dump(exclude_none=True) for m in messages], None, body.chat_template_kwargs)

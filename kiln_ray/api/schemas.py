@@ -73,6 +73,19 @@ class JsonSchemaFormat(_Body):
     strict: bool | None = None
 
 
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs`: {"json": schema} or {"choice": [strings]}."""
+
+    json_: dict[str, Any] | bool | None = Field(None, alias="json")
+    choice: list[str] | None = Field(None, min_length=1, max_length=1024)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        if (self.json_ is None) == (self.choice is None):
+            raise ValueError("structured_outputs takes exactly one of json, choice")
+        return self
+
+
 class ResponseFormat(_Body):
     """OpenAI's response_format: "text" (free), "json_object" (any JSON object) or "json_schema"
     (JSON valid for the schema; kiln_ray/engine/json_grammar.py lists what is enforced)."""
@@ -126,6 +139,26 @@ class SamplingFields(_Body):
     adapter: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}(@[1-9][0-9]{0,17})?$", description="Kiln: an adapter name[@version]")
     adapters: list["AdapterWeight"] | None = Field(None, min_length=1, max_length=4, description="compose adapters")
     response_format: ResponseFormat | None = None
+    # vLLM's structured-output extensions (one of these or response_format, not two)
+    guided_json: dict[str, Any] | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=1024)
+    structured_outputs: StructuredOutputs | None = None
+
+    @model_validator(mode="after")
+    def _one_structure(self) -> SamplingFields:
+        given = [name for name in ("guided_json", "guided_choice", "structured_outputs")
+                 if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.append("response_format")
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} cannot be combined: give one")
+        return self
+
+    @property
+    def wants_structure(self) -> bool:
+        fmt = self.response_format
+        return (fmt is not None and fmt.type != "text") or any(
+            v is not None for v in (self.guided_json, self.guided_choice, self.structured_outputs))
 
     @field_validator("stop")
     @classmethod
@@ -171,9 +204,9 @@ class ChatCompletionRequest(SamplingFields):
                 raise ValueError("tool_choice names a function that is not in tools")
         if self.tool_choice in ("required",) and not self.tools:
             raise ValueError("tool_choice 'required' needs tools")
-        if self.response_format is not None and self.response_format.type != "text" and self.offered_tools:
-            raise ValueError("response_format json_object / json_schema cannot be combined with tools "
-                             "(use tool_choice 'none', or leave out response_format)")
+        if self.wants_structure and self.offered_tools:
+            raise ValueError("response_format json_object / json_schema (or a guided_* field) cannot be combined "
+                             "with tools (use tool_choice 'none', or leave out the format)")
         return self
 
     @property

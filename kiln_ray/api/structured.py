@@ -7,8 +7,10 @@
   (chat.py). A forced call (tool_choice "required" or a named function) is constrained from
   the first token, since the prompt already holds its opening. Text outside calls stays free.
 
-A schema the grammar cannot enforce is a 400 for response_format and for a function marked
-`strict`; any other function's arguments then fall back to "any JSON object".
+- vLLM's extensions: `guided_json` (a schema), `guided_choice` (the reply is exactly one of
+  the strings), `structured_outputs` ({"json": schema} or {"choice": [...]}).
+
+A schema the grammar cannot enforce is a 400 for these and for a function marked `strict`; any other function's arguments then fall back to "any JSON object".
 """
 
 from __future__ import annotations
@@ -18,24 +20,40 @@ import logging
 
 from kiln_ray.api.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from kiln_ray.api.errors import APIError
-from kiln_ray.api.schemas import ResponseFormat, Tool
+from kiln_ray.api.schemas import SamplingFields, Tool
 from kiln_ray.engine.guide import Guide
-from kiln_ray.engine.json_grammar import SchemaError, compile_schema, sequence
+from kiln_ray.engine.json_grammar import SchemaError, choice, compile_schema, sequence
 
 log = logging.getLogger("kiln_ray.api")
 
 _ANY_OBJECT = {"type": "object"}
 
 
-def response_guide(response_format: ResponseFormat | None) -> Guide | None:
-    if response_format is None or response_format.type == "text":
+def response_guide(body: SamplingFields) -> Guide | None:
+    """The guide of a request's output format: response_format, or vLLM's guided_json /
+    guided_choice / structured_outputs (schemas.py allows one of them)."""
+    fmt, structured = body.response_format, body.structured_outputs
+    choices = body.guided_choice or (structured.choice if structured is not None else None)
+    if choices is not None:
+        param = "guided_choice" if body.guided_choice else "structured_outputs"
+        return Guide(_compiled(choice, choices, param), after="stop")
+    if body.guided_json is not None:
+        schema, param = body.guided_json, "guided_json"
+    elif structured is not None:
+        schema, param = structured.json_, "structured_outputs"
+    elif fmt is not None and fmt.type != "text":
+        schema = _ANY_OBJECT if fmt.type == "json_object" else fmt.json_schema.schema_
+        param = "response_format"
+    else:
         return None
-    schema = _ANY_OBJECT if response_format.type == "json_object" else response_format.json_schema.schema_
+    return Guide(_compiled(compile_schema, _ANY_OBJECT if schema is None else schema, param), after="stop")
+
+
+def _compiled(build, spec, param: str):
     try:
-        grammar = compile_schema(_ANY_OBJECT if schema is None else schema)
+        return build(spec)
     except SchemaError as error:
-        raise APIError(400, f"response_format.json_schema.schema: {error}", "response_format") from None
-    return Guide(grammar, after="stop")
+        raise APIError(400, f"{param}: {error}", param) from None
 
 
 def tool_guide(tools: list[Tool] | None, forced_prefix: str) -> Guide | None:

@@ -164,6 +164,14 @@ def sequence(choices: list[tuple[bytes, Any, bytes]]) -> Grammar:
     return Grammar(compiler.nodes, frozenset(starts), key)
 
 
+def choice(texts: list[str]) -> Grammar:
+    """A grammar for exactly one of `texts` (vLLM's guided_choice: a label, not JSON)."""
+    if not texts or len(texts) > MAX_CHOICES:
+        raise SchemaError(f"a choice needs 1 to {MAX_CHOICES} strings")
+    starts = frozenset((("L", t.encode(), 0),) if t else () for t in texts)
+    return Grammar([Node()], starts, json.dumps(["choice", texts]))
+
+
 class _Compiler:
     def __init__(self):
         self.nodes: list[Node] = [Node(free_values=0, items=0)]  # node 0: any value

@@ -125,3 +125,58 @@ def test_the_openai_sdk_sends_a_bad_format_and_gets_a_clean_error(sdk):
     with pytest.raises(openai.BadRequestError):
         sdk.chat.completions.create(model="tiny-smol", messages=QUESTION, max_tokens=4,
                                     response_format=schema_format({"$ref": "https://example.com/x"}))
+
+
+def test_the_sdk_parse_helper_gets_its_pydantic_model_back(sdk):
+    """openai's `chat.completions.parse(response_format=Model)` sends the model's strict JSON
+    schema (titles, enums with a type, nested models through $defs / $ref) and parses the reply
+    into the model."""
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Day(BaseModel):
+        sky: Literal["sun", "rain", "snow"]
+        windy: bool
+
+    class Forecast(BaseModel):
+        unit: Literal["celsius", "fahrenheit"]
+        days: list[Day]
+
+    reply = sdk.chat.completions.parse(model="tiny-smol", messages=QUESTION, seed=4, max_tokens=250,
+                                       response_format=Forecast)
+    parsed = reply.choices[0].message.parsed
+    assert isinstance(parsed, Forecast) and all(isinstance(d, Day) for d in parsed.days)
+
+
+def test_vllm_guided_choice_answers_with_exactly_one_label(sdk):
+    labels = ["positive", "negative", "neutral"]
+    reply = sdk.chat.completions.create(model="tiny-smol", messages=QUESTION, n=6, seed=1, max_tokens=20,
+                                        extra_body={"guided_choice": labels})
+    assert {c.message.content for c in reply.choices} <= set(labels)
+    assert all(c.finish_reason == "stop" for c in reply.choices)
+
+
+@pytest.mark.parametrize("extra", [{"guided_json": FORECAST}, {"structured_outputs": {"json": FORECAST}}])
+def test_vllm_guided_json_fields_are_honoured(sdk, extra):
+    reply = sdk.chat.completions.create(model="tiny-smol", messages=QUESTION, seed=2, max_tokens=200, extra_body=extra)
+    jsonschema.validate(json.loads(reply.choices[0].message.content), FORECAST)
+
+
+def test_structured_outputs_choice_on_completions(http):
+    r = http.post("/v1/completions", json={"model": "tiny-smol", "prompt": "Mood:", "max_tokens": 8, "seed": 3,
+                                           "structured_outputs": {"choice": ["happy", "sad"]}})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] in ("happy", "sad")
+
+
+@pytest.mark.parametrize("extra", [
+    {"guided_choice": ["a"], "guided_json": {}},
+    {"guided_choice": ["a"], "response_format": {"type": "json_object"}},
+    {"structured_outputs": {"json": {}, "choice": ["a"]}},
+    {"structured_outputs": {}},
+    {"guided_choice": []},
+])
+def test_two_structures_at_once_are_a_400(http, extra):
+    r = http.post("/v1/chat/completions", json={"model": "tiny-smol", "messages": QUESTION, "max_tokens": 4, **extra})
+    assert r.status_code == 400, r.text
