@@ -166,7 +166,10 @@ class GuideState:
         self.state: State | None = None
         self._tail = b""  # the output's last bytes, while watching for the trigger
         if guide.consumed or not guide.trigger:
-            self._begin(guide.consumed)
+            try:
+                self._begin(guide.consumed)
+            except GrammarOverflow as error:
+                self.release(str(error))
 
     @property
     def constrained(self) -> bool:
@@ -190,7 +193,7 @@ class GuideState:
         try:
             disallowed = self.runtime.disallowed(self.state)
         except GrammarOverflow as error:
-            self._release(str(error))
+            self.release(str(error))
             return None
         return disallowed, self.stop_token_ids, complete
 
@@ -198,7 +201,7 @@ class GuideState:
         try:
             self._advance(token_id)
         except GrammarOverflow as error:
-            self._release(str(error))
+            self.release(str(error))
 
     def _advance(self, token_id: int) -> None:
         if token_id in self.stop_token_ids:
@@ -208,11 +211,11 @@ class GuideState:
             self._watch(data or b"")
             return
         if data is None:
-            self._release("a token outside the grammar's vocabulary was sampled")
+            self.release("a token outside the grammar's vocabulary was sampled")
             return
         state = self.runtime.grammar.feed(self.state, data)
         if not state:
-            self._release("a token the grammar does not allow was sampled")
+            self.release("a token the grammar does not allow was sampled")
             return
         self.state = state
         if self.guide.after == "free" and self.runtime.grammar.complete(state):
@@ -240,8 +243,9 @@ class GuideState:
             self.state = None
             log.info("guided decoding: the output opened %r but went on outside the grammar", trigger)
 
-    def _release(self, why: str) -> None:
-        # A token that went around the mask (none can today) or a state too large: fail open.
+    def release(self, why: str) -> None:
+        """Give up on the guide (a token that went around the mask, which none can today, or a
+        state too large): the sequence goes on free, it does not fail."""
         log.warning("guided decoding: %s; the sequence goes on unconstrained", why)
         self.state = None
         self._tail = b""
@@ -261,7 +265,7 @@ def apply_guides(logits: torch.Tensor, guides: list[GuideState | None]) -> None:
         keep = logits[i, stops].clone() if stops_allowed and stops else None
         n = min(vocab, disallowed.shape[0])
         if bool(disallowed[:n].all()) and keep is None:
-            g._release("no token fits the grammar")  # never an all -inf row (NaN softmax)
+            g.release("no token fits the grammar")  # never an all -inf row (NaN softmax)
             continue
         logits[i, :n].masked_fill_(disallowed[:n], float("-inf"))
         if n < vocab:
