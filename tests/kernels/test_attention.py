@@ -20,6 +20,8 @@ LAYOUTS = {
     "prefills-only": ([5, 33], [5, 33]),
     "mixed": ([1, 1, 7, 16, 3], [9, 30, 7, 40, 3]),
     "chunk-continuation": ([1, 12], [64, 29]),
+    # enough decodes that the C kernel hands each thread whole sequences (all kv heads in a row)
+    "many-decodes": ([1] * 12, [1, 5, 16, 17, 33, 70, 2, 48, 9, 64, 31, 15]),
 }
 HEADS = [(4, 4, 32), (8, 2, 64), (9, 3, 64)]
 
