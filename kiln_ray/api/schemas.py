@@ -146,19 +146,21 @@ class SamplingFields(_Body):
 
     @model_validator(mode="after")
     def _one_structure(self) -> SamplingFields:
-        given = [name for name in ("guided_json", "guided_choice", "structured_outputs")
-                 if getattr(self, name) is not None]
-        if self.response_format is not None and self.response_format.type != "text":
-            given.append("response_format")
+        given = self._structures()
         if len(given) > 1:
             raise ValueError(f"{' and '.join(given)} cannot be combined: give one")
         return self
 
+    def _structures(self) -> list[str]:
+        """The output-structure fields given (response_format "text" is none)."""
+        given = [name for name in ("guided_json", "guided_choice", "structured_outputs") if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.append("response_format")
+        return given
+
     @property
     def wants_structure(self) -> bool:
-        fmt = self.response_format
-        return (fmt is not None and fmt.type != "text") or any(
-            v is not None for v in (self.guided_json, self.guided_choice, self.structured_outputs))
+        return bool(self._structures())
 
     @field_validator("stop")
     @classmethod
