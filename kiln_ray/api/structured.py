@@ -61,17 +61,33 @@ def tool_guide(tools: list[Tool] | None, forced_prefix: str) -> Guide | None:
     `forced_prefix`: what the prompt ends with when a call is forced (chat.forced_call_prefix)."""
     if not tools:
         return None
-    choices = []
-    for tool in tools:
-        fn = tool.function
-        schema = fn.parameters if fn.parameters else _ANY_OBJECT
+    try:  # one compile in the usual case; a failure is sorted out per tool below
+        grammar = sequence([_call_text(tool, _parameters(tool)) for tool in tools])
+    except SchemaError:
         try:
-            compile_schema(schema)
-        except SchemaError as error:
-            if fn.strict:
-                raise APIError(400, f"tools: function {fn.name!r} parameters: {error}", "tools") from None
-            log.info("tool %s: its parameters cannot be enforced (%s); any JSON object is accepted", fn.name, error)
-            schema = _ANY_OBJECT
-        opening = f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(fn.name, ensure_ascii=False)}, "arguments": '
-        choices.append((opening.encode(), schema, f"}}\n{TOOL_CALL_CLOSE}".encode()))
-    return Guide(sequence(choices), after="free", consumed=forced_prefix.encode(), trigger=TOOL_CALL_OPEN.encode())
+            grammar = sequence([_call_text(tool, _enforceable_parameters(tool)) for tool in tools])
+        except SchemaError as error:  # each can be enforced, not all of them together
+            raise APIError(400, f"tools: the functions' parameters together: {error}", "tools") from None
+    return Guide(grammar, after="free", consumed=forced_prefix.encode(), trigger=TOOL_CALL_OPEN.encode())
+
+
+def _parameters(tool: Tool):
+    return tool.function.parameters or _ANY_OBJECT
+
+
+def _enforceable_parameters(tool: Tool):
+    fn = tool.function
+    try:
+        compile_schema(_parameters(tool))
+    except SchemaError as error:
+        if fn.strict:
+            raise APIError(400, f"tools: function {fn.name!r} parameters: {error}", "tools") from None
+        log.info("tool %s: its parameters cannot be enforced (%s); any JSON object is accepted", fn.name, error)
+        return _ANY_OBJECT
+    return _parameters(tool)
+
+
+def _call_text(tool: Tool, schema) -> tuple[bytes, object, bytes]:
+    """A call of `tool` in the Hermes format: opening + arguments (`schema`) + closing."""
+    opening = f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(tool.function.name, ensure_ascii=False)}, "arguments": '
+    return opening.encode(), schema, f"}}\n{TOOL_CALL_CLOSE}".encode()

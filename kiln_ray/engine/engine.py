@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,7 @@ class LLMEngine:
         self.requests: dict[str, list[Request]] = {}  # request_id -> its sequences (siblings included)
         self.tokenizer_path = tokenizer_path
         self.vocabulary: TokenVocabulary | None = None  # read on the first guided request
+        self._vocabulary_reader: Future | None = None  # or ahead of it (preload_vocabulary)
         self._guides: OrderedDict[str, GuideRuntime] = OrderedDict()
         self.num_steps = 0
         self._last_batch = (0, 0)
@@ -134,7 +136,9 @@ class LLMEngine:
         path = model_path or resolve_model_path(config.model, config.home)
         kernels = select_kernels(device, config.engine.kernels, config.torch_dtype(), config.engine.block_size)
         model = load_model(path, config.torch_dtype(), device, kernels)
-        return cls(model, config.engine, device, tokenizer_path=path)
+        engine = cls(model, config.engine, device, tokenizer_path=path)
+        engine.preload_vocabulary()
+        return engine
 
     def _num_kv_blocks(self, kv_dtype: torch.dtype) -> int:
         """Blocks that fit the budget after the linear-attention state slots (hybrid models:
@@ -224,14 +228,28 @@ class LLMEngine:
         if self.vocabulary is None:
             if self.tokenizer_path is None:
                 raise ValueError("guided decoding needs the model's tokenizer, and this engine has none")
-            from kiln_ray.model.registry import load_tokenizer
-
-            self.vocabulary = TokenVocabulary.from_tokenizer(load_tokenizer(self.tokenizer_path), self.model.config.vocab_size)
-            log.info("guided decoding: read the bytes of %d tokens", self.vocabulary.size)
+            reader = self._vocabulary_reader
+            self.vocabulary = reader.result() if reader is not None else self._read_vocabulary()
         runtime = self._guides[guide.grammar.key] = GuideRuntime(guide.grammar, self.vocabulary)
         if len(self._guides) > GUIDE_CACHE_SIZE:
             self._guides.popitem(last=False)
         return runtime
+
+    def preload_vocabulary(self) -> None:
+        """Read the token bytes on a thread of their own now, so the first guided request does
+        not stall every stream of the step thread for the 0.5-1.5 s it takes."""
+        if self.tokenizer_path is not None and self.vocabulary is None and self._vocabulary_reader is None:
+            # The thread ends when the read does, and with it any torch thread pool it made.
+            pool = ThreadPoolExecutor(1, thread_name_prefix="kiln-vocabulary")
+            self._vocabulary_reader = pool.submit(self._read_vocabulary)
+            pool.shutdown(wait=False)
+
+    def _read_vocabulary(self) -> TokenVocabulary:
+        from kiln_ray.model.registry import load_tokenizer
+
+        vocabulary = TokenVocabulary.from_tokenizer(load_tokenizer(self.tokenizer_path), self.model.config.vocab_size)
+        log.info("guided decoding: read the bytes of %d tokens", vocabulary.size)
+        return vocabulary
 
     def abort(self, request_id: str) -> bool:
         """Stop every sequence of the request and free what they hold. False if unknown."""

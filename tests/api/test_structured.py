@@ -102,6 +102,9 @@ def test_required_lets_the_model_pick_an_offered_function_with_valid_arguments(s
     ({"response_format": {"type": "yaml"}}, None),
     ({"response_format": {"type": "json_object"}, "tools": [tool("f", {"type": "object"})]}, None),
     ({"tools": [tool("f", {"type": "object", "patternProperties": {}}, strict=True)], "tool_choice": "required"}, "tools"),
+    # Each function's parameters can be enforced, not all five together (MAX_NODES).
+    ({"tools": [tool(f"f{i}", {"type": "object", "properties": {f"p{j}": {"type": "integer"} for j in range(1000)}})
+                for i in range(5)]}, "tools"),
 ])
 def test_formats_it_cannot_honour_are_a_400(http, body, param):
     r = http.post("/v1/chat/completions", json={"model": "tiny-smol", "messages": QUESTION, "max_tokens": 4, **body})

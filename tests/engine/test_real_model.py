@@ -129,3 +129,24 @@ def test_a_json_schema_guide_makes_the_real_model_answer_in_that_schema(model, t
         answer = json.loads(tokenizer.decode(ids, skip_special_tokens=True))
         jsonschema.validate(answer, CITY)
         assert "paris" in answer["city"].lower()
+
+
+def test_a_preloaded_vocabulary_is_read_once_and_off_the_step_thread(model, tokenizer, default_model_dir):
+    """LLMEngine.from_config preloads the token bytes, so the first guided request does not
+    stall every stream while the tokenizer is read."""
+    import threading
+
+    from kiln_ray.engine.guide import Guide
+    from kiln_ray.engine.json_grammar import choice
+
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=64, max_num_seqs=2), tokenizer_path=default_model_dir)
+    readers, read = [], engine._read_vocabulary
+    engine._read_vocabulary = lambda: (readers.append(threading.current_thread().name), read())[1]
+    engine.preload_vocabulary()
+    guide = Guide(choice(["yes", "no"]), after="stop")
+    for request_id in ("a", "b"):
+        engine.add_request(request_id, chat_ids(tokenizer, "Is Paris in France?"),
+                           SamplingParams(max_tokens=8, temperature=0.0, guide=guide))
+    out = run_to_completion(engine)
+    assert len(readers) == 1 and readers[0].startswith("kiln-vocabulary"), readers
+    assert {tokenizer.decode(out[r][0], skip_special_tokens=True) for r in ("a", "b")} <= {"yes", "no"}
