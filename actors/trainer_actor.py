@@ -87,6 +87,7 @@ class TrainerActor:
             base_model_name=served_model_name(cfg),
             journal_dir=cfg.state_dir / "jobs",
             upload_max_bytes=cfg.training.upload_max_bytes,
+            max_rank=cfg.engine.max_lora_rank,
             metrics=Metrics("trainer", ray_metrics=ray_util_metrics),  # jobs, loss, tokens/s: to Ray from here
         )
         threading.Thread(target=self._start, args=(cfg.training.warm_up,), daemon=True, name="kiln-trainer-start").start()

@@ -298,6 +298,16 @@ class ServingNode:
             "default": self.default_adapter == name,
         }
 
+    def lora_shape(self, name: str) -> dict | None:
+        """`{"version", "r", "lora_alpha"}` of `name`'s current version in the store (what a job
+        continuing it keeps), or None if the store has no adapter of that name."""
+        try:
+            version = self.store.current_version(name)
+            config = self.store.version_config(name, version)
+        except AdapterNotFound:
+            return None
+        return {"version": version, "r": config["r"], "lora_alpha": config["lora_alpha"]}
+
     def adapter_listing(self) -> dict:
         return {"adapters": self.adapters(), "default_adapter": self.default_adapter}
 

@@ -106,6 +106,27 @@ def validate_name(name: str) -> str:
     return name
 
 
+# Names that `model` cannot select an adapter by: `model: "default"` asks for the server's
+# default adapter. (The base model's served name is the other such name; only the server
+# knows it: see validate_new_name.)
+RESERVED_NAMES = frozenset({"default"})
+
+
+def validate_new_name(name: str, base_model: str | None = None) -> str:
+    """`validate_name`, and refuse a name that `model` would never resolve to the adapter: one
+    of RESERVED_NAMES, or `base_model` (the served model name, which always means the base
+    model). For names an adapter is created or trained under. `validate_name` itself accepts
+    them: an adapter stored under one before this check stays readable and deletable."""
+    validate_name(name)
+    if name in RESERVED_NAMES or name == base_model:
+        meant = "the base model" if name == base_model else "the server's default adapter (or the base model)"
+        raise InvalidAdapterName(
+            f"adapter name {name!r} is reserved: `model: {name!r}` means {meant}, so an adapter "
+            "of that name could not be selected; choose another name"
+        )
+    return name
+
+
 def parse_ref(ref: str) -> tuple[str, int | None]:
     """`"x@3"` -> `("x", 3)`; `"x"` -> `("x", None)` (the current version)."""
     if not isinstance(ref, str):
@@ -284,6 +305,16 @@ class AdapterStore:
         except FileNotFoundError:
             raise AdapterNotFound(f"adapter {name!r} version {version} was deleted") from None
         return AdapterVersion(name, version, tensors, config, optimizer_state)
+
+    def version_config(self, name: str, version: int | None = None) -> dict:
+        """The adapter_config.json of one version (None = current), without its tensors."""
+        meta = self.meta(name)
+        version = meta["current_version"] if version is None else version
+        self._require_version(meta, version)
+        try:
+            return json.loads((self._version_path(name, version) / CONFIG_FILE).read_text())
+        except FileNotFoundError:
+            raise AdapterNotFound(f"adapter {name!r} version {version} was deleted") from None
 
     def load_examples(self, name: str) -> list[dict]:
         """The committed examples, oldest first."""

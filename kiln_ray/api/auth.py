@@ -34,6 +34,15 @@ class Access(enum.IntEnum):
 _ADAPTER_READS = {("GET", "/v1/adapters")}
 
 
+def route_path(scope: dict) -> str:
+    """The path the app routes by: without the root path it is mounted under (Ray Serve's
+    route_prefix arrives as root_path, and the path still carries it), as Starlette strips it."""
+    path, root = scope["path"], scope.get("root_path", "").rstrip("/")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root):] or "/"
+    return path
+
+
 def required_access(method: str, path: str, metrics_require_key: bool = False) -> Access:
     """Which key a request needs, from its method and path alone (before routing, so an
     unknown path under /v1 still needs a key and cannot be used to probe the route table)."""

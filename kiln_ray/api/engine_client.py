@@ -14,7 +14,7 @@ from kiln_ray.node import AdapterChoice, ServingNode
 
 # ServingNode methods the ingress may call (admin, adapters, training, metrics).
 NODE_METHODS = frozenset({
-    "adapter_listing", "load", "unload", "delete", "download", "train_submit", "train_status", "train_jobs",
+    "adapter_listing", "lora_shape", "load", "unload", "delete", "download", "train_submit", "train_status", "train_jobs",
     "train_queue", "train_cancel", "train_rollback", "train_import", "train_merge",
     "metric_families",
 })

@@ -1,30 +1,29 @@
 """The HTTP API as a FastAPI app: OpenAI-compatible chat and completions, Kiln's batch helper,
 models, health and metrics. Plain FastAPI, no Ray: `create_app` takes an EngineClient, so the
 same routes run in tests against an in-process engine and under Ray Serve (api/ingress.py).
+The routes turn requests into engine requests and responses; api/streaming.py starts, drains
+and streams those engine requests.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
 import uuid
-from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from kiln_ray.api import openai_format as fmt
 from kiln_ray.api.chat import ChatFormatError, forced_call_prefix, render_chat
-from kiln_ray.api.auth import KeyCheck, presented_key, required_access
+from kiln_ray.api.auth import KeyCheck, presented_key, required_access, route_path
 from kiln_ray.api.engine_client import EngineClient
-from kiln_ray.api.errors import APIError, engine_error, error_response, install_error_handlers
-from kiln_ray.api.generation import ChoiceText, Delta, merge_deltas
+from kiln_ray.api.errors import APIError, error_response, install_error_handlers
+from kiln_ray.api.generation import ChoiceText
 from kiln_ray.api.schemas import BatchCompletionRequest, ChatCompletionRequest, CompletionRequest, SamplingFields
+from kiln_ray.api.streaming import EngineStreams, sse_response
 from kiln_ray.api.training_routes import call, install_training_routes
 from kiln_ray.api.ui import install_ui
 from kiln_ray.adapters.store import InvalidAdapterName, parse_ref
@@ -54,25 +53,6 @@ class ServerContext:
     started: float = field(default_factory=time.time)
 
 
-@dataclass
-class _Timing:
-    """When a request started, must end (request_timeout_s later), produced its first token,
-    and last heard of each choice."""
-
-    deadline: float  # event-loop time: past it, the request fails with 504 (waiting for its first token too)
-    start: float = field(default_factory=time.perf_counter)
-    first: float | None = None
-    last: dict[int, float] = field(default_factory=dict)  # choice index -> time of its last tokens
-
-
-async def _raise_first_refusal(started: list) -> None:
-    """If any of several engine requests was refused, close the others and raise the refusal."""
-    errors = [s for s in started if isinstance(s, BaseException)]
-    if errors:
-        await asyncio.gather(*(s[1].aclose() for s in started if not isinstance(s, BaseException)))
-        raise errors[0]
-
-
 def _request_id(sent: str | None) -> str:
     """The client's x-request-id when it is 1-128 visible ASCII characters, else a new one."""
     if sent and len(sent) <= 128 and sent.isascii() and sent.isprintable() and " " not in sent:
@@ -98,7 +78,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         request.state.request_id = _request_id(request.headers.get("x-request-id"))
         request.state.response_id = None  # the completion id, once a generation route made one
         try:
-            access = required_access(request.method, request.url.path, ctx.config.metrics_require_key)
+            access = required_access(request.method, route_path(request.scope), ctx.config.metrics_require_key)
             keys.check(access, presented_key(request.headers))
         except APIError as refused:
             response = error_response(refused)
@@ -108,7 +88,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         path = getattr(route, "path", "unmatched")
         ctx.metrics.inc("kiln_requests_total", route=path, status=str(response.status_code))
         response.headers["x-request-id"] = request.state.request_id
-        if response.status_code >= 400:  # a successful generation logs its own line (_Routes._record)
+        if response.status_code >= 400:  # a successful generation logs its own line (EngineStreams.record)
             log.info("%s %s -> %d x-request-id=%s%s", request.method, request.url.path, response.status_code,
                      request.state.request_id, f" id={request.state.response_id}" if request.state.response_id else "")
         return response
@@ -128,6 +108,7 @@ class _Routes:
     def __init__(self, ctx: ServerContext):
         self.ctx = ctx
         self.tok = ctx.tokenizer
+        self.streams = EngineStreams(ctx.engine, ctx.metrics, ctx.config.stream_interval, ctx.config.request_timeout_s)
 
     # -- info ----------------------------------------------------------------------------------
 
@@ -178,15 +159,15 @@ class _Routes:
                    for i in range(body.n)]
         created = int(time.time())
         model = body.model or self.ctx.model_name
-        timing = self._timing()
-        first, deltas = await self._start(GenerateRequest(rid, prompt, params), choice, choices, timing)
+        timing = self.streams.timing()
+        first, deltas = await self.streams.start(GenerateRequest(rid, prompt, params), choice, choices, timing)
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._sse(self._chat_events(rid, request.state.request_id, created, model, choices, first, deltas,
-                                               body.logprobs, include_usage, len(prompt), timing))
-        await self._consume(deltas, timing)
-        self._record(rid, request.state.request_id, "chat", len(prompt), choices, timing)
+            return sse_response(self.streams.chat_events(rid, request.state.request_id, created, model, choices, first,
+                                                         deltas, body.logprobs, include_usage, len(prompt), timing))
+        await self.streams.consume(deltas, timing)
+        self.streams.record(rid, request.state.request_id, "chat", len(prompt), choices, timing)
         return fmt.chat_completion(rid, created, model, choices, body.logprobs, len(prompt))
 
     async def completions(self, body: CompletionRequest, request: Request):
@@ -204,21 +185,16 @@ class _Routes:
             ]
             runs.append((prompt, params, choices))
         prefix = [self.tok.decode(p, skip_special_tokens=body.skip_special_tokens) if body.echo else "" for p, _, _ in runs]
-        timings = [self._timing() for _ in runs]
-        started = await asyncio.gather(
-            *(self._start(GenerateRequest(f"{rid}-{i}", p, params), choice, choices, timings[i])
-              for i, (p, params, choices) in enumerate(runs)),
-            return_exceptions=True,
-        )
-        await _raise_first_refusal(started)
+        started, timings = await self.streams.start_all(rid, runs, choice)
         all_choices = [c for _, _, choices in runs for c in choices]
         num_prompt = sum(len(p) for p, _, _ in runs)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._sse(self._completion_events(rid, request.state.request_id, created, model, runs, started, prefix,
-                                                     body, include_usage, num_prompt, timings))
-        await asyncio.gather(*(self._consume(deltas, t) for (_, deltas), t in zip(started, timings)))
-        self._record(rid, request.state.request_id, "completion", num_prompt, all_choices, timings[0])
+            return sse_response(self.streams.completion_events(
+                rid, request.state.request_id, created, model, runs, started, prefix, body.echo, body.logprobs is not None,
+                include_usage, num_prompt, timings))
+        await self.streams.consume_all(started, timings)
+        self.streams.record(rid, request.state.request_id, "completion", num_prompt, all_choices, timings[0])
         out = []
         for p_idx, (_, _, choices) in enumerate(runs):
             for c in choices:
@@ -243,14 +219,8 @@ class _Routes:
             params = self._params(body, prompt, body.max_tokens, None, seed=seed, guide=guide)
             choices = [ChoiceText(self.tok, i, body.stop, False, body.skip_special_tokens) for i in range(body.n)]
             runs.append((prompt, params, choices))
-        timings = [self._timing() for _ in runs]
-        started = await asyncio.gather(
-            *(self._start(GenerateRequest(f"{rid}-{i}", p, params), choice, c, timings[i])
-              for i, (p, params, c) in enumerate(runs)),
-            return_exceptions=True,
-        )
-        await _raise_first_refusal(started)
-        await asyncio.gather(*(self._consume(deltas, t) for (_, deltas), t in zip(started, timings)))
+        started, timings = await self.streams.start_all(rid, runs, choice)
+        await self.streams.consume_all(started, timings)
         completions, totals = [], {"prompt_tokens": 0, "completion_tokens": 0}
         for p_idx, (prompt, _, choices) in enumerate(runs):
             totals["prompt_tokens"] += len(prompt)
@@ -265,18 +235,12 @@ class _Routes:
                               "total_tokens": len(prompt) + c.num_tokens},
                 })
         totals["total_tokens"] = totals["prompt_tokens"] + totals["completion_tokens"]
-        self._record(rid, request.state.request_id, "batch", totals["prompt_tokens"], [c for _, _, cs in runs for c in cs],
-                     timings[0])
+        self.streams.record(rid, request.state.request_id, "batch", totals["prompt_tokens"],
+                            [c for _, _, cs in runs for c in cs], timings[0])
         return {"id": rid, "object": "batch.completion", "model": body.model or self.ctx.model_name,
                 "completions": completions, "usage": totals}
 
     # -- pieces --------------------------------------------------------------------------------
-
-    def _timing(self) -> _Timing:
-        return _Timing(asyncio.get_running_loop().time() + self.ctx.config.request_timeout_s)
-
-    def _timeout(self) -> APIError:
-        return APIError(504, f"the request took longer than {self.ctx.config.request_timeout_s:g} s", code="timeout")
 
     def _choice(self, body: SamplingFields) -> AdapterChoice:
         """Which weights serve a request: `adapters` (a composition), `adapter`, `model` naming
@@ -313,19 +277,7 @@ class _Routes:
         self, body: SamplingFields, prompt: list[int], max_tokens: int | None, logprobs: int | None, seed: int | None = None,
         guide: Guide | None = None,
     ) -> SamplingParams:
-        limit = self.ctx.max_model_len
-        if len(prompt) >= limit:
-            raise APIError(400, f"the prompt is {len(prompt)} tokens; this model's context is {limit} tokens", "messages", "context_length_exceeded")
-        if max_tokens is None:
-            max_tokens = limit - len(prompt)
-        elif len(prompt) + max_tokens > limit:
-            raise APIError(
-                400,
-                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) = {len(prompt) + max_tokens} exceeds this "
-                f"model's context of {limit} tokens",
-                "max_tokens",
-                "context_length_exceeded",
-            )
+        max_tokens = self._max_tokens(prompt, max_tokens)
         bias = None
         if body.logit_bias:
             bias = {int(k): float(v) for k, v in body.logit_bias.items()}
@@ -352,191 +304,20 @@ class _Routes:
         except ValueError as error:
             raise APIError(400, str(error)) from None
 
-    async def _start(
-        self, gen: GenerateRequest, choice: AdapterChoice, choices: list[ChoiceText], timing: _Timing
-    ) -> tuple[list[Delta] | None, AsyncIterator[list[Delta]]]:
-        """Submit and wait for the first batch, so a refusal (or no first token before the
-        deadline: 504, the engine request aborted) is an HTTP error rather than a broken
-        stream. Returns (first deltas or None, the rest)."""
-        deltas = self._deltas(gen, choice, choices, timing)
-        try:
-            async with asyncio.timeout_at(timing.deadline):
-                first = await deltas.__anext__()
-        except StopAsyncIteration:
-            return None, deltas
-        except TimeoutError:  # the cancelled generator has closed its engine stream: aborted
-            raise self._timeout() from None
-        except Exception as error:
-            mapped = engine_error(error)
-            if mapped is None:
-                raise
-            raise mapped from None
-        return first, deltas
-
-    async def _deltas(
-        self, gen: GenerateRequest, choice: AdapterChoice, choices: list[ChoiceText], timing: _Timing
-    ) -> AsyncIterator[list[Delta]]:
-        """Engine batches -> one delta per choice that changed (a batch may hold several
-        increments of one choice); ends (aborting the engine request) once every choice has
-        finished, e.g. on stop strings."""
-        metrics = self.ctx.metrics
-        async with aclosing(self.ctx.engine.generate(gen, choice)) as stream:
-            async for batch in stream:
-                now = time.perf_counter()
-                if timing.first is None:
-                    timing.first = now
-                    metrics.observe("kiln_time_to_first_token_seconds", now - timing.start)
-                new_tokens = Counter()
-                for o in batch:
-                    new_tokens[o.index] += len(o.new_token_ids)
-                for index, count in new_tokens.items():  # the gap since a choice's previous tokens, spread over them
-                    previous = timing.last.get(index)
-                    if previous is not None and count:
-                        for _ in range(count):
-                            metrics.observe("kiln_inter_token_latency_seconds", (now - previous) / count)
-                    timing.last[index] = now
-                yield merge_deltas([choices[o.index].feed(o) for o in batch])
-                if all(c.finished for c in choices):
-                    return
-
-    async def _consume(self, rest: AsyncIterator[list[Delta]], timing: _Timing) -> None:
-        """Drive a non-streamed request to its end (the choices collect the text)."""
-        try:
-            async with asyncio.timeout_at(timing.deadline):
-                async with aclosing(rest):
-                    async for _ in rest:
-                        pass
-        except TimeoutError:
-            raise self._timeout() from None
-        except Exception as error:
-            mapped = engine_error(error)
-            if mapped is None:
-                raise
-            raise mapped from None
-
-    def _sse(self, events: AsyncIterator[str]) -> StreamingResponse:
-        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    async def _chat_events(self, rid, request_id, created, model, choices, first, rest, want_logprobs, include_usage,
-                           num_prompt, timing):
-        sent_role = set()
-
-        def chunk_for(deltas: list[Delta]) -> str | None:
-            entries = []
-            for d in deltas:
-                entry = fmt.chat_delta(d, choices[d.index], want_logprobs, d.index not in sent_role)
-                if entry is not None:
-                    sent_role.add(d.index)
-                    entries.append(entry)
-            return fmt.chat_chunk(rid, created, model, entries) if entries else None
-
-        async for event in self._stream_body(first, rest, chunk_for, timing):
-            yield event
-        if include_usage:
-            yield fmt.chat_chunk(rid, created, model, [], fmt.usage(choices, num_prompt))
-        self._record(rid, request_id, "chat", num_prompt, choices, timing)
-        yield fmt.SSE_DONE
-
-    async def _completion_events(self, rid, request_id, created, model, runs, started, prefix, body, include_usage,
-                                 num_prompt, timings):
-        queue: asyncio.Queue = asyncio.Queue()
-        want_logprobs = body.logprobs is not None
-        offsets = {c.index: len(prefix[p]) for p, (_, _, cs) in enumerate(runs) for c in cs}
-        if body.echo:
-            for p_idx, (_, _, choices) in enumerate(runs):
-                for c in choices:
-                    yield fmt.completion_chunk(rid, created, model, [{"index": c.index, "text": prefix[p_idx], "logprobs": None, "finish_reason": None}])
-
-        def chunk_for(deltas: list[Delta]) -> str | None:
-            entries = []
-            for d in deltas:
-                if not d.text and d.finish_reason is None and not d.logprobs:
-                    continue
-                lp = fmt.completion_logprobs(d.logprobs, offsets[d.index]) if want_logprobs else None
-                offsets[d.index] += len(d.text)
-                entries.append({"index": d.index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason})
-            return fmt.completion_chunk(rid, created, model, entries) if entries else None
-
-        async def pump(first, rest, timing):
-            try:
-                async for event in self._stream_body(first, rest, chunk_for, timing):
-                    await queue.put(event)
-            finally:
-                await queue.put(None)
-
-        tasks = [asyncio.create_task(pump(first, rest, t)) for (first, rest), t in zip(started, timings)]
-        try:
-            remaining = len(tasks)
-            while remaining:
-                event = await queue.get()
-                if event is None:
-                    remaining -= 1
-                else:
-                    yield event
-        finally:
-            for t in tasks:
-                t.cancel()
-        all_choices = [c for _, _, cs in runs for c in cs]
-        if include_usage:
-            yield fmt.completion_chunk(rid, created, model, [], fmt.usage(all_choices, num_prompt))
-        self._record(rid, request_id, "completion", num_prompt, all_choices, timings[0])
-        yield fmt.SSE_DONE
-
-    async def _stream_body(self, first, rest, chunk_for, timing: _Timing) -> AsyncIterator[str]:
-        """SSE events for one engine request: the first batch at once, then one event per
-        `stream_interval` engine batches (sooner when a choice finishes). An error after the
-        headers went out becomes an error event (the status line cannot change any more)."""
-        interval = self.ctx.config.stream_interval
-        pending: list[Delta] = []  # held back for the next event; sent before an error too
-        error_event = None
-        try:
-            async with asyncio.timeout_at(timing.deadline):
-                async with aclosing(rest):
-                    if first is not None and (event := chunk_for(first)):
-                        yield event
-                    batches = 0
-                    async for deltas in rest:
-                        pending += deltas
-                        batches += 1
-                        if batches < interval and not any(d.finish_reason for d in deltas):
-                            continue
-                        batch, pending, batches = pending, [], 0
-                        if event := chunk_for(merge_deltas(batch)):
-                            yield event
-        except TimeoutError:
-            error_event = fmt.sse(self._timeout().body())
-        except Exception as error:  # noqa: BLE001 - after the headers, an error can only be an event
-            error_event = self._stream_error(error)
-        if pending:
-            try:
-                event = chunk_for(merge_deltas(pending))
-            except Exception as error:  # noqa: BLE001 - as above
-                event, flush_error = None, self._stream_error(error)
-                error_event = error_event or flush_error
-            if event:
-                yield event
-        if error_event is not None:
-            yield error_event
-
-    @staticmethod
-    def _stream_error(error: Exception) -> str:
-        """The SSE error event for an error after the headers went out."""
-        mapped = engine_error(error)
-        if mapped is None:
-            log.exception("stream failed")
-            mapped = APIError(500, f"internal error ({type(error).__name__})", code="internal_error")
-        return fmt.sse(mapped.body())
-
-    def _record(self, rid: str, request_id: str, kind: str, num_prompt: int, choices: list[ChoiceText],
-                timing: _Timing) -> None:
-        """Count a finished request and log its line: the completion id and the client's
-        x-request-id (or the one made for it) side by side, so either finds the other."""
-        m = self.ctx.metrics
-        completion = sum(c.num_tokens for c in choices)
-        elapsed = time.perf_counter() - timing.start
-        m.inc("kiln_prompt_tokens_total", num_prompt)
-        m.inc("kiln_generation_tokens_total", completion)
-        m.observe("kiln_e2e_request_latency_seconds", elapsed)
-        ttft = f"{(timing.first - timing.start) * 1e3:.0f}ms" if timing.first else "-"
-        log.info("%s %s x-request-id=%s prompt=%d completion=%d ttft=%s total=%.0fms finish=%s", rid, kind, request_id,
-                 num_prompt, completion, ttft, elapsed * 1e3, ",".join(str(c.finish_reason) for c in choices))
+    def _max_tokens(self, prompt: list[int], max_tokens: int | None) -> int:
+        """The request's max_tokens, or what is left of the context when it names none; a 400
+        when the prompt, or the prompt and max_tokens, do not fit the context."""
+        limit = self.ctx.max_model_len
+        if len(prompt) >= limit:
+            raise APIError(400, f"the prompt is {len(prompt)} tokens; this model's context is {limit} tokens", "messages", "context_length_exceeded")
+        if max_tokens is None:
+            return limit - len(prompt)
+        if len(prompt) + max_tokens > limit:
+            raise APIError(
+                400,
+                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) = {len(prompt) + max_tokens} exceeds this "
+                f"model's context of {limit} tokens",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        return max_tokens

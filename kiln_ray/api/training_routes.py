@@ -26,7 +26,7 @@ from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 from starlette.types import Message, Receive
 
-from kiln_ray.adapters.store import InvalidAdapterName, validate_name
+from kiln_ray.adapters.store import InvalidAdapterName, validate_name, validate_new_name
 from kiln_ray.api.errors import APIError, engine_error
 from kiln_ray.api.schemas import (
     UPLOAD_OPENAPI, AdapterRefBody, GrpoRequest, MergeRequest, RollbackRequest, SftRequest, TrainJobConfig,
@@ -94,6 +94,7 @@ class _TrainingRoutes:
 
     async def sft(self, body: SftRequest) -> dict:
         name = self._adapter_name(body.adapter, body.config, "sft")
+        await self._check_lora_shape(name, body.config)
         examples, raw = [], []
         for i, ex in enumerate(body.examples):
             messages = [m.model_dump(exclude_none=True) for m in ex.messages]
@@ -108,6 +109,7 @@ class _TrainingRoutes:
 
     async def grpo(self, body: GrpoRequest) -> dict:
         name = self._adapter_name(body.adapter, body.config, "grpo")
+        await self._check_lora_shape(name, body.config)
         groups = []
         for i, group in enumerate(body.groups):
             messages = [m.model_dump(exclude_none=True) for m in group.messages]
@@ -147,10 +149,30 @@ class _TrainingRoutes:
 
     def _adapter_name(self, adapter: str | None, config: TrainJobConfig, kind: str) -> str:
         name = adapter or config.output_name or f"{kind}-{uuid.uuid4().hex[:8]}"
-        try:
-            return validate_name(name)
-        except InvalidAdapterName as error:
-            raise APIError(400, str(error), "adapter") from None
+        return self._new_name(name, "adapter" if adapter else "config.output_name")
+
+    async def _check_lora_shape(self, name: str, config: TrainJobConfig) -> None:
+        """A job continues its adapter's current version (unless `from_scratch`) and keeps that
+        version's rank and alpha, so a different `lora_rank` or `lora_alpha` would be ignored:
+        refused instead. Checked against the store at submit; a name the store does not hold
+        yet takes any rank and alpha."""
+        limit = self.ctx.config.engine.max_lora_rank
+        if config.lora_rank is not None and config.lora_rank > limit:
+            raise APIError(400, f"config.lora_rank is {config.lora_rank}; the engine serves adapters up to rank {limit} "
+                                f"(engine.max_lora_rank)", "config.lora_rank")
+        asked = {"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha}
+        if config.from_scratch or all(value is None for value in asked.values()):
+            return
+        current = await call(self.ctx, "lora_shape", name)
+        if current is None:
+            return
+        kept = {"lora_rank": current["r"], "lora_alpha": current["lora_alpha"]}
+        for field, value in asked.items():
+            if value is not None and float(value) != float(kept[field]):
+                raise APIError(400, f"config.{field} is {value:g} but adapter {name!r} (version {current['version']}) "
+                                    f"has {field} {kept[field]:g}: a job continues the adapter's current version, "
+                                    f"whose rank and alpha it keeps; pass from_scratch: true to train a fresh "
+                                    f"adapter with this {field}, or leave {field} out", f"config.{field}")
 
     def _train_config(self, body: TrainJobConfig) -> TrainConfig:
         d = self.ctx.config.training
@@ -215,7 +237,7 @@ class _TrainingRoutes:
             activate = str(form.get("activate", "false")).lower() in ("1", "true", "yes", "on")
         if len(data) > limit:
             raise APIError(413, f"the upload is larger than {limit} bytes", "file", "upload_too_large")
-        version = await call(self.ctx, "train_import", self._name(name), data, activate)
+        version = await call(self.ctx, "train_import", self._new_name(name, "name"), data, activate)
         return {"name": name, "version": version}
 
     async def download(self, name: str, version: int | None = None) -> Response:
@@ -226,12 +248,22 @@ class _TrainingRoutes:
 
     async def merge(self, body: MergeRequest) -> dict:
         sources = [(s.name, s.version, s.weight) for s in body.adapters]
-        version = await call(self.ctx, "train_merge", body.name, sources, body.method, body.density)
+        version = await call(self.ctx, "train_merge", self._new_name(body.name, "name"), sources, body.method,
+                             body.density)
         return {"name": body.name, "version": version, "method": body.method}
 
     @staticmethod
     def _name(name: str) -> str:
+        """The name of an adapter that may already be stored (any valid name)."""
         try:
             return validate_name(name)
         except InvalidAdapterName as error:
             raise APIError(400, str(error), "name") from None
+
+    def _new_name(self, name: str, param: str) -> str:
+        """A name an adapter is created or trained under: valid, and one `model` can select
+        (not "default", not the base model's served name)."""
+        try:
+            return validate_new_name(name, self.ctx.model_name)
+        except InvalidAdapterName as error:
+            raise APIError(400, str(error), param) from None

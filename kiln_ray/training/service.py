@@ -137,9 +137,12 @@ class TrainingService:
         upload_max_bytes: int = 256 << 20,
         metrics: Metrics | None = None,
         webhook_timeout_s: float = 5.0,
+        max_rank: int | None = None,
     ):
         """`metrics`: where the training figures are recorded (jobs finished, the running
-        job's loss and tokens/s); default: a recorder of this service's own (no Ray)."""
+        job's loss and tokens/s); default: a recorder of this service's own (no Ray).
+        `max_rank`: the largest LoRA rank the engine's slots hold (engine.max_lora_rank); an
+        upload or merge above it is refused before anything is stored."""
         self.trainer = trainer
         self.store = store
         self.publish = publish
@@ -149,6 +152,7 @@ class TrainingService:
         self.base_model_name = base_model_name
         self.keep_finished_jobs = keep_finished_jobs
         self.upload_max_bytes = upload_max_bytes  # an archive, and separately what it expands to
+        self.max_rank = max_rank
         self.metrics = metrics if metrics is not None else Metrics("trainer")
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self._queue: queue.Queue[Job | None] = queue.Queue()
@@ -363,8 +367,14 @@ class TrainingService:
 
     def save_and_publish(self, name: str, tensors: dict, config: dict, activate: bool = False) -> int:
         """Store a new version built elsewhere (a merge) and serve it."""
+        self._check_rank(config)
         version = self.store.save_version(name, tensors, config, parent=self._current(name))
         return self.publish_stored(name, version, activate)
+
+    def _check_rank(self, config: dict) -> None:
+        if self.max_rank is not None and int(config.get("r", 0)) > self.max_rank:
+            raise InvalidAdapter(f"the adapter's rank {config['r']} is above what the engine serves "
+                                 f"(engine.max_lora_rank {self.max_rank})")
 
 
     def import_archive(self, name: str, data: bytes, activate: bool = False) -> int:
@@ -378,6 +388,7 @@ class TrainingService:
                          LoraWeights.from_peft(tensors, config))
         except ValueError as error:
             raise InvalidAdapter(str(error)) from None
+        self._check_rank(config)
         version = self.store.save_version(name, tensors, config)
         return self.publish_stored(name, version, activate)
 

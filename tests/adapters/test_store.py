@@ -16,6 +16,7 @@ from kiln_ray.adapters.store import (
     InvalidAdapterName,
     parse_ref,
     validate_name,
+    validate_new_name,
 )
 
 PREFIX = "base_model.model.model.layers"
@@ -86,6 +87,26 @@ def test_parse_ref_splits_name_and_version():
             parse_ref(bad)
 
 
+def test_a_new_adapter_may_not_take_a_name_that_model_cannot_select():
+    assert validate_new_name("tower", "SmolLM2-135M-Instruct") == "tower"
+    for name in ("default", "SmolLM2-135M-Instruct"):
+        with pytest.raises(InvalidAdapterName, match="reserved"):
+            validate_new_name(name, "SmolLM2-135M-Instruct")
+    with pytest.raises(InvalidAdapterName):
+        validate_new_name("../evil")
+
+
+def test_an_adapter_stored_under_a_reserved_name_stays_readable_and_deletable(store):
+    """Stores written before names were reserved may hold one: opening, listing and reading
+    them must not fail (validate_name, which every store path goes through, accepts it)."""
+    store.save_version("default", *random_adapter())
+    reopened = AdapterStore(store.root)
+    assert reopened.names() == ["default"]
+    assert reopened.load_version("default").version == 1 and parse_ref("default@1") == ("default", 1)
+    reopened.delete("default")
+    assert reopened.names() == []
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -100,6 +121,7 @@ def test_parse_ref_splits_name_and_version():
         lambda s: s.append_examples("a/b", [{}]),
         lambda s: s.load_examples("/etc"),
         lambda s: s.version_dir("../evil", 1),
+        lambda s: s.version_config("../evil"),
     ],
 )
 def test_every_method_validates_the_name_before_touching_disk(tmp_path, call):
@@ -186,6 +208,15 @@ def test_views_of_one_buffer_are_saved_as_separate_tensors(store):
     with pytest.raises(ValueError, match="JSON"):
         store.save_version("a", views, config, metrics={"loss": torch.tensor(1.0)})
     assert store.versions("a") == [1] and list((store.root / ".tmp").iterdir()) == []
+
+
+def test_version_config_is_one_versions_adapter_config(store):
+    store.save_version("a", *random_adapter(r=4, alpha=8))
+    store.save_version("a", *random_adapter(r=2, alpha=3))
+    assert (store.version_config("a")["r"], store.version_config("a")["lora_alpha"]) == (2, 3)
+    assert store.version_config("a", 1) == store.load_version("a", 1).config
+    with pytest.raises(AdapterNotFound):
+        store.version_config("a", 3)
 
 
 def test_set_current_rolls_back_and_forward(store):

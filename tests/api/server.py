@@ -41,7 +41,8 @@ def make_app(model_dir, home=None, training: dict | None = None, server: dict | 
     if train:
         service = TrainingService(Trainer(model), writer, node.apply_threadsafe,
                                   max_queued_jobs=config.training.max_queued_jobs,
-                                  upload_max_bytes=config.training.upload_max_bytes)
+                                  upload_max_bytes=config.training.upload_max_bytes,
+                                  max_rank=config.engine.max_lora_rank)
         service.start()
         node.training = LocalTraining(service)
     tokenizer = load_tokenizer(model_dir)

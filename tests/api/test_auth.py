@@ -94,6 +94,26 @@ def test_a_wrong_key_is_a_401(keyed):
     assert keyed.get("/v1/no-such-route").status_code == 401
 
 
+def test_keys_hold_under_a_route_prefix(keyed):
+    """Ray Serve mounts the app at its route_prefix as ASGI root_path, and the path keeps the
+    prefix: the check classifies the path the app routes by, not the raw one."""
+    prefixed = TestClient(keyed.app, root_path="/kiln")
+    assert prefixed.get("/kiln/v1/models").status_code == 401
+    assert prefixed.get("/kiln/v1/train/status", headers=bearer(USER)).status_code == 403
+    assert prefixed.get("/kiln/v1/train/status", headers=bearer(ADMIN)).status_code == 200
+    assert prefixed.get("/kiln/v1/models", headers=bearer(USER)).status_code == 200
+    assert prefixed.get("/kiln/health").status_code == 200
+
+
+@pytest.mark.parametrize("path,root,routed", [
+    ("/kiln/v1/train/sft", "/kiln", "/v1/train/sft"), ("/kiln", "/kiln", "/"), ("/v1/models", "", "/v1/models"),
+    ("/kilnx/v1/train/sft", "/kiln", "/kilnx/v1/train/sft"), ("/v1/models", "/kiln", "/v1/models"),
+    ("/kiln/v1/models", "/kiln/", "/v1/models"),
+])
+def test_route_path_strips_the_root_path_at_a_segment(path, root, routed):
+    assert auth.route_path({"path": path, "root_path": root}) == routed
+
+
 def test_open_routes_stay_open(keyed):
     assert keyed.get("/health").status_code == 200
     assert keyed.get("/metrics").status_code == 200

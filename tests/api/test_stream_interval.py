@@ -101,18 +101,18 @@ def test_tokens_held_back_for_the_next_event_go_out_before_an_error(tiny_smol_di
 def test_a_failure_while_sending_the_held_back_tokens_still_ends_with_an_error_event(tiny_smol_dir, monkeypatch):
     """The last flush runs outside the stream's main try: if turning the held-back increments
     into an event fails too, the client still gets the error event and [DONE], not a cut stream."""
-    import kiln_ray.api.routes as routes
+    import kiln_ray.api.streaming as streaming
     from kiln_ray.model.registry import load_tokenizer
 
     engine = _FailsAfterSix(load_tokenizer(tiny_smol_dir))
-    real_merge = routes.merge_deltas
+    real_merge = streaming.merge_deltas
 
     def merge_then_fail(deltas):
         if engine.died:  # only the flush of the held-back sixth token merges after the engine died
             raise RuntimeError("detokenizer bug")
         return real_merge(deltas)
 
-    monkeypatch.setattr(routes, "merge_deltas", merge_then_fail)
+    monkeypatch.setattr(streaming, "merge_deltas", merge_then_fail)
     events, _, _ = _stream_through_fails_after_six(tiny_smol_dir, engine)
     assert len([e for e in events if "choices" in e]) == 2  # the first, then steps 2-5; the sixth is lost
     assert "engine" in events[-1]["error"]["message"]  # the engine's error, reported once

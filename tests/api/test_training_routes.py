@@ -3,12 +3,16 @@ random model, no Ray): jobs, versions, the default adapter, rollback, download/u
 merge, delete, and the errors."""
 
 import io
+import json
+import re
 import tarfile
 import time
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from kiln_ray.config import EngineConfig
 from tests.api.server import MODEL_NAME, make_app, wait_idle
 
 CONV = [{"role": "user", "content": "Who built the Zorblatt tower?"},
@@ -125,6 +129,47 @@ def test_merge_and_composition(http):
     assert merged == composed  # concat merge == runtime composition (both exact)
 
 
+def test_ranks_the_engine_cannot_serve_are_refused(http):
+    """The engine's slots hold rank engine.max_lora_rank (the default here): a job, merge or
+    upload above it would store a version no request could be served with."""
+    limit = EngineConfig().max_lora_rank
+    r = http.post("/v1/train/sft", json={"adapter": "wide", "examples": [{"messages": CONV}],
+                                         "config": {**FAST, "lora_rank": limit + 1}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "config.lora_rank", r.text
+    ranks = {"tower": 0, "greeter": 0, "blend": 0}
+    for name in ranks:
+        ranks[name] = json.loads(tarfile.open(fileobj=io.BytesIO(http.get(f"/v1/adapters/{name}/download").content))
+                                 .extractfile("adapter_config.json").read())["r"]
+    assert sum(ranks.values()) > limit
+    r = http.post("/v1/adapters/merge", json={"name": "wide", "method": "concat",
+                                              "adapters": [{"name": n, "weight": 1.0} for n in ranks]})
+    assert r.status_code == 400 and "max_lora_rank" in r.json()["error"]["message"], r.text
+    assert "wide" not in [a["name"] for a in http.get("/v1/adapters").json()["adapters"]]
+
+
+@pytest.mark.parametrize("name", ["default", MODEL_NAME], ids=["default", "base-model-name"])
+def test_new_adapters_may_not_take_a_name_that_model_cannot_select(http, name):
+    """`model: "default"` means the default adapter and the served model name the base model,
+    so an adapter under either name could never be selected by `model`."""
+    group = {"messages": ASK, "completions": [{"text": "yes", "reward": 1.0}, {"text": "no", "reward": 0.0}]}
+    archive = http.get("/v1/adapters/tower/download").content
+    refused = {
+        "adapter": http.post("/v1/train/sft", json={"adapter": name, "examples": [{"messages": CONV}], "config": FAST}),
+        "config.output_name": http.post("/v1/train/sft", json={"examples": [{"messages": CONV}],
+                                                               "config": {**FAST, "output_name": name}}),
+        "grpo adapter": http.post("/v1/train/grpo", json={"adapter": name, "groups": [group], "config": {"steps": 1}}),
+        "upload name": http.post("/v1/adapters/upload", files={"file": ("a.tar.gz", archive, "application/gzip")},
+                                 data={"name": name}),
+        "merge name": http.post("/v1/adapters/merge", json={"name": name, "adapters": [{"name": "tower"},
+                                                                                      {"name": "greeter"}]}),
+    }
+    for param, r in refused.items():
+        assert r.status_code == 400, (param, r.text)
+        error = r.json()["error"]
+        assert error["param"] == param.split()[-1] and f"{name!r} is reserved" in error["message"], error
+    assert name not in {a["name"] for a in http.get("/v1/adapters").json()["adapters"]}
+
+
 def test_delete_removes_an_adapter(http):
     train(http, "temp")
     assert http.delete("/v1/adapters/temp").status_code == 200
@@ -176,6 +221,57 @@ def test_grpo_job(http):
     assert any("equal rewards" in n for n in status["notes"])
 
 
+def documented_status_fields() -> set[str]:
+    """The fields the README's route table lists for GET /v1/train/status."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `GET /v1/train/status"))
+    listed = row.split("|")[2].strip().strip("`")
+    return set(re.sub(r" \([^)]*\)", "", listed).split(", "))
+
+
+def test_job_status_has_the_documented_fields_in_order_of_time(http):
+    documented = documented_status_fields()
+    assert documented >= {"job_id", "job_type", "state", "progress", "current_loss", "losses", "adapter",
+                          "adapter_version", "error", "created_at", "started_at", "finished_at"}
+    done = train(http, "timed")
+    assert set(done) == documented  # every field the route returns is documented, and only those
+    assert done["state"] == "completed" and done["error"] is None and done["adapter_version"] == 1
+    assert done["created_at"] <= done["started_at"] <= done["finished_at"]
+    assert len(done["losses"]) == 4 and done["current_loss"] == done["losses"][-1]
+
+    r = http.post("/v1/train/sft", json={"adapter": "diverges", "examples": [{"messages": CONV}],
+                                         "config": {**FAST, "lora_alpha": 1e308}})  # fails: its loss is not finite
+    assert r.status_code == 200, r.text
+    failed = wait_job(http, r.json()["job_id"])
+    assert set(failed) == documented
+    assert failed["state"] == "failed" and isinstance(failed["error"], str) and failed["error"].strip()
+    assert failed["adapter_version"] is None
+    assert failed["created_at"] <= failed["started_at"] <= failed["finished_at"]
+    jobs = http.get("/v1/train/status").json()["jobs"]
+    assert {done["job_id"], failed["job_id"]} <= {j["job_id"] for j in jobs}
+    assert all(set(j) == documented for j in jobs)
+
+
+def test_a_rank_or_alpha_for_a_continued_adapter_must_be_its_own_unless_from_scratch(app):
+    http, engine, _ = app
+    assert train(http, "shaped", lora_rank=4, lora_alpha=8)["adapter_version"] == 1  # a new adapter takes any
+    group = {"messages": ASK, "completions": [{"text": "yes", "reward": 1.0}, {"text": "no", "reward": 0.0}]}
+    for field, value in (("lora_rank", 8), ("lora_alpha", 16)):
+        sft = http.post("/v1/train/sft", json={"adapter": "shaped", "examples": [{"messages": CONV}],
+                                               "config": {**FAST, field: value}})
+        grpo = http.post("/v1/train/grpo", json={"adapter": "shaped", "groups": [group],
+                                                 "config": {"steps": 1, field: value}})
+        for r in (sft, grpo):
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["param"] == f"config.{field}" and "from_scratch: true" in error["message"], error
+    assert describe(http, "shaped")["current_version"] == 1  # nothing was queued
+    assert train(http, "shaped", lora_rank=4, lora_alpha=8.0)["adapter_version"] == 2  # its own values are fine
+    assert train(http, "shaped", lora_rank=8, from_scratch=True)["adapter_version"] == 3
+    config = engine.service.store.version_config("shaped")
+    assert (config["r"], config["lora_alpha"]) == (8, 32)  # the new rank, the server's default alpha
+
+
 def describe(http, name):
     return {a["name"]: a for a in http.get("/v1/adapters").json()["adapters"]}[name]
 
@@ -224,8 +320,6 @@ def test_kiln_output_name_names_the_adapter_and_the_adapter_field_wins(http):
 
 
 def test_a_job_without_a_name_gets_a_generated_one(http):
-    import re
-
     r = http.post("/v1/train/sft", json={"examples": [{"messages": CONV}], "config": FAST})
     assert r.status_code == 200, r.text
     name = r.json()["adapter"]

@@ -76,7 +76,8 @@ def test_greedy_chat_answers_match_transformers_generate(model, hf_model, tokeni
 
 def test_sixteen_concurrent_mixed_requests_equal_each_alone(model, hf_model, tokenizer):
     """Chat and raw-text prompts (two longer than the 64-token step budget), chunked prefill
-    interleaved with decodes: every batched answer equals its answer alone and transformers'."""
+    interleaved with decodes: every batched answer equals its answer alone and transformers',
+    and again when the KV cache is so small that requests are preempted and recomputed."""
     engine = LLMEngine(model, EngineConfig(block_size=8, num_kv_blocks=512, max_num_batched_tokens=64))
     prompts = [chat_ids(tokenizer, p) for p in CHAT_PROMPTS] + [tokenizer(t)["input_ids"] for t in TEXT_PROMPTS]
     assert max(len(p) for p in prompts) > 64
@@ -91,7 +92,17 @@ def test_sixteen_concurrent_mixed_requests_equal_each_alone(model, hf_model, tok
     refs = hf_greedy_batch(hf_model, prompts, 16, pad_token_id=eos)
     for i, p in enumerate(prompts):
         assert_same_greedy(batched[str(i)][0], refs[i], hf_model, p, f"prompt {i}", masked_ids=[eos])
-    assert engine.stats().kv_blocks_used == 0
+    stats = engine.stats()
+    assert stats.kv_blocks_used == 0 and stats.peak_batch_seqs == 16  # they did run together
+
+    starved = LLMEngine(model, EngineConfig(block_size=8, num_kv_blocks=24, max_num_batched_tokens=64))
+    some = [*range(6), 10]  # six chat prompts (~7 blocks each) and a 121-token text (17 blocks)
+    for i in some:
+        starved.add_request(str(i), prompts[i], params)
+    assert run_to_completion(starved) == {str(i): batched[str(i)] for i in some}
+    stats = starved.stats()
+    assert stats.num_preemptions > 0, "24 blocks of 8 tokens held all 7 requests: nothing was preempted"
+    assert stats.kv_blocks_used == 0 and stats.running == stats.waiting == 0
 
 
 CITY = {
