@@ -74,15 +74,16 @@ class JsonSchemaFormat(_Body):
 
 
 class StructuredOutputs(_Body):
-    """vLLM's `structured_outputs`: {"json": schema} or {"choice": [strings]}."""
+    """vLLM's `structured_outputs`: {"json": schema}, {"choice": [strings]} or {"regex": pattern}."""
 
     json_: dict[str, Any] | bool | None = Field(None, alias="json")
     choice: list[str] | None = Field(None, min_length=1, max_length=1024)
+    regex: str | None = Field(None, min_length=1, max_length=4096)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StructuredOutputs:
-        if (self.json_ is None) == (self.choice is None):
-            raise ValueError("structured_outputs takes exactly one of json, choice")
+        if sum(v is not None for v in (self.json_, self.choice, self.regex)) != 1:
+            raise ValueError("structured_outputs takes exactly one of json, choice, regex")
         return self
 
 
@@ -142,6 +143,7 @@ class SamplingFields(_Body):
     # vLLM's structured-output extensions (one of these or response_format, not two)
     guided_json: dict[str, Any] | None = None
     guided_choice: list[str] | None = Field(None, min_length=1, max_length=1024)
+    guided_regex: str | None = Field(None, min_length=1, max_length=4096)
     structured_outputs: StructuredOutputs | None = None
 
     @model_validator(mode="after")
@@ -153,7 +155,7 @@ class SamplingFields(_Body):
 
     def _structures(self) -> list[str]:
         """The output-structure fields given (response_format "text" is none)."""
-        given = [name for name in ("guided_json", "guided_choice", "structured_outputs") if getattr(self, name) is not None]
+        given = [name for name in ("guided_json", "guided_choice", "guided_regex", "structured_outputs") if getattr(self, name) is not None]
         if self.response_format is not None and self.response_format.type != "text":
             given.append("response_format")
         return given

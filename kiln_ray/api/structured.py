@@ -8,7 +8,8 @@
   the first token, since the prompt already holds its opening. Text outside calls stays free.
 
 - vLLM's extensions: `guided_json` (a schema), `guided_choice` (the reply is exactly one of
-  the strings), `structured_outputs` ({"json": schema} or {"choice": [...]}).
+  the strings), `guided_regex` (the whole reply matches it; kiln_ray/engine/regex_dfa.py has
+  the syntax), `structured_outputs` ({"json": schema}, {"choice": [...]} or {"regex": ...}).
 
 A schema the grammar cannot enforce is a 400 for these and for a function marked `strict`; any other function's arguments then fall back to "any JSON object".
 """
@@ -22,7 +23,7 @@ from kiln_ray.api.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from kiln_ray.api.errors import APIError
 from kiln_ray.api.schemas import SamplingFields, Tool
 from kiln_ray.engine.guide import Guide
-from kiln_ray.engine.json_grammar import SchemaError, choice, compile_schema, sequence
+from kiln_ray.engine.json_grammar import SchemaError, choice, compile_schema, regex, sequence
 
 log = logging.getLogger("kiln_ray.api")
 
@@ -37,6 +38,10 @@ def response_guide(body: SamplingFields) -> Guide | None:
     if choices is not None:
         param = "guided_choice" if body.guided_choice else "structured_outputs"
         return Guide(_compiled(choice, choices, param), after="stop")
+    pattern = body.guided_regex or (structured.regex if structured is not None else None)
+    if pattern is not None:
+        param = "guided_regex" if body.guided_regex else "structured_outputs"
+        return Guide(_compiled(regex, pattern, param), after="stop")
     if body.guided_json is not None:
         schema, param = body.guided_json, "guided_json"
     elif structured is not None:

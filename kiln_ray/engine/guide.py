@@ -61,9 +61,12 @@ class TokenVocabulary:
         self.ids = [i for _, i in entries]
         # Plain tokens keep a string a string: whole UTF-8 characters, none a quote, backslash
         # or control byte. Byte pieces of a character are walked like the rest.
-        plain = [i for b, i in entries if _plain_text(b)]
+        plain = [(i, len(b.decode())) for b, i in entries if _plain_text(b)]
         self.plain = torch.zeros(self.size, dtype=torch.bool)
-        self.plain[plain] = True
+        self.plain[[i for i, _ in plain]] = True
+        self.plain_chars = torch.zeros(self.size, dtype=torch.int32)  # characters of each plain token
+        self.plain_chars[[i for i, _ in plain]] = torch.tensor([n for _, n in plain], dtype=torch.int32)
+        self.longest_plain = max((n for _, n in plain), default=0)
         other = [(b, i) for b, i in entries if not self.plain[i]]
         self.other_keys = [b for b, _ in other]
         self.other_ids = [i for _, i in other]
@@ -101,8 +104,9 @@ class TokenVocabulary:
     def allowed(self, grammar: Grammar, state: State) -> torch.Tensor:
         """Bool mask over token ids: the tokens whose bytes all continue `state`."""
         mask = torch.zeros(self.size, dtype=torch.bool)
-        if grammar.in_free_string(state):
-            mask |= self.plain
+        room = grammar.free_string_room(state)
+        if room is not None:
+            mask |= self.plain if room >= self.longest_plain else self.plain & (self.plain_chars <= room)
             ids = _walk(grammar, state, self.other_keys, self.other_ids)
         else:
             ids = _walk(grammar, state, self.keys, self.ids)

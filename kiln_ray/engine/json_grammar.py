@@ -10,10 +10,12 @@ read a complete document. Alternatives are how anyOf, optional object keys, enum
 Enforced: type (one or a list), properties (in the order declared; `required` ones must
 appear, the others may be left out), additionalProperties (a free-form object when there are no
 properties), items, minItems / maxItems, enum, const, anyOf / oneOf, $ref into $defs /
-definitions (recursion allowed). Strings are any JSON string of valid UTF-8; numbers and integers follow
-JSON's grammar. Annotations (title, description, default, examples, format, ...) are ignored,
-and so are the value limits `minLength`, `maxLength`, `pattern`, `minimum`, `maximum`: the
-output is valid JSON of the right shape, not checked against those.
+definitions (recursion allowed). Strings are any JSON string of valid UTF-8, held to minLength /
+maxLength (code points; an escape is one) and `pattern` (kiln_ray/engine/regex_dfa.py: a string
+with a pattern is written without escapes, so it holds no `"`, `\\` or control characters).
+Integers follow minimum / maximum / exclusiveMinimum / exclusiveMaximum; numbers follow JSON's
+grammar, their bounds are not enforced, nor are value limits beside enum, const or $ref.
+Annotations (title, description, default, examples, format, ...) are ignored.
 
 Whitespace: none at the top level; up to MAX_WHITESPACE bytes of space, tab or newline where
 JSON allows it inside objects and arrays, so a model may indent but not pad forever.
@@ -24,8 +26,11 @@ No torch here; kiln_ray/engine/guide.py turns states into token masks.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from kiln_ray.engine.regex_dfa import Regex, RegexError, compile_regex, integer_range
 
 MAX_WHITESPACE = 32
 MAX_DEPTH = 64  # nesting of objects and arrays in one document
@@ -33,6 +38,7 @@ MAX_DEPTH = 64  # nesting of objects and arrays in one document
 MAX_NODES = 4096  # subschemas in one grammar
 MAX_CHOICES = 1024  # enum values, properties or anyOf alternatives of one subschema
 MAX_ALTERNATIVES = 256  # alternatives one parse state may hold; past it, GrammarOverflow
+UNBOUNDED = 1 << 30  # room of a string without maxLength
 
 Frame = tuple
 Stack = tuple[Frame, ...]
@@ -41,9 +47,11 @@ State = frozenset  # of Stack
 _TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _IGNORED = {
     "title", "description", "default", "examples", "example", "format", "$schema", "$id", "$comment",
-    "deprecated", "readOnly", "writeOnly", "minLength", "maxLength", "pattern", "minimum", "maximum",
-    "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "strict", "name", "nullable", "discriminator",
+    "deprecated", "readOnly", "writeOnly", "multipleOf", "strict", "name", "nullable", "discriminator",
 }
+# Value limits: enforced on strings and integers; not on numbers, nor beside enum, const or $ref.
+_NUMBER_LIMITS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+_LIMITS = {"minLength", "maxLength", "pattern", *_NUMBER_LIMITS}
 _KNOWN = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum", "const",
           "anyOf", "oneOf", "$ref", "$defs", "definitions"}
 _WS = frozenset(b" \t\n")
@@ -79,6 +87,14 @@ class Node:
     max_items: int | None = None
     literals: tuple[bytes, ...] | None = None  # enum / const: the only texts allowed
     any_of: tuple[int, ...] = ()
+    min_length: int = 0  # of strings, in code points
+    max_length: int | None = None
+    pattern: Regex | None = None  # strings: their content matches it (JSON Schema: a search)
+    regex: Regex | None = None  # numbers: their text matches it (integer bounds; guided_regex at the top)
+
+    @property
+    def bounded_string(self) -> bool:
+        return self.min_length > 0 or self.max_length is not None or self.pattern is not None
 
 
 @dataclass
@@ -122,20 +138,32 @@ class Grammar:
             state = self.step(state, byte)
         return state
 
-    @staticmethod
-    def complete(state: State) -> bool:
+    def complete(self, state: State) -> bool:
         """Some alternative has read a whole document (a number may still go on, too)."""
-        return any(not stack or _finishes(stack) for stack in state)
+        return any(not stack or _finishes(self.nodes, stack) for stack in state)
 
-    @staticmethod
-    def finished(state: State) -> bool:
+    def finished(self, state: State) -> bool:
         """Every alternative has read a whole document: no byte can follow."""
-        return bool(state) and all(not stack for stack in state)
+        return bool(state) and all(not stack or _regex_ends(self.nodes, stack) for stack in state)
 
-    def in_free_string(self, state: State) -> bool:
-        """Every alternative is inside a plain string (not an enum), where any byte but `"`, `\\`
-        and control bytes keeps the state as it is (guide.py's shortcut)."""
-        return bool(state) and all(stack and stack[-1][0] == "S" and stack[-1][1] == 0 for stack in state)
+    def free_string_room(self, state: State) -> int | None:
+        """Characters any plain text may add here: every alternative is between two characters of
+        a string without a pattern (not an enum), where text without `"`, `\\` or control bytes
+        is read whole up to maxLength (guide.py's shortcut). None: not such a state."""
+        room = None
+        for stack in state:
+            frame = stack[-1] if stack else ("",)
+            if frame[0] == "S" and frame[1] == 0:
+                here = UNBOUNDED
+            elif frame[0] == "T" and frame[3] == (0,) and self.nodes[frame[1]].pattern is None:
+                limit = self.nodes[frame[1]].max_length
+                here = UNBOUNDED if limit is None else limit - frame[2]
+            else:
+                return None
+            if room is not None and here != room:
+                return None
+            room = here
+        return room
 
 
 def compile_schema(schema: Any, prefix: bytes = b"", suffix: bytes = b"") -> Grammar:
@@ -164,6 +192,12 @@ def sequence(choices: list[tuple[bytes, Any, bytes]]) -> Grammar:
     return Grammar(compiler.nodes, frozenset(starts), key)
 
 
+def regex(pattern: str) -> Grammar:
+    """A grammar for exactly the texts `pattern` matches whole (vLLM's guided_regex)."""
+    node = Node(regex=_compiled_regex(pattern))
+    return Grammar([Node(), node], frozenset({(("X", 1, node.regex.start),)}), json.dumps(["regex", pattern]))
+
+
 def choice(texts: list[str]) -> Grammar:
     """A grammar for exactly one of `texts` (vLLM's guided_choice: a label, not JSON)."""
     if not texts or len(texts) > MAX_CHOICES:
@@ -190,10 +224,10 @@ class _Compiler:
             return 0
         if not isinstance(schema, dict):
             raise SchemaError(f"a schema must be an object, not {type(schema).__name__}")
-        unknown = sorted(k for k in schema if k not in _KNOWN and k not in _IGNORED)
+        unknown = sorted(k for k in schema if k not in _KNOWN and k not in _IGNORED and k not in _LIMITS)
         if unknown:
             raise SchemaError(f"unsupported schema keyword(s): {', '.join(unknown)}")
-        constraining = {k for k in schema if k not in _IGNORED and k not in ("$defs", "definitions")}
+        constraining = {k for k in schema if k not in _IGNORED and k not in _LIMITS and k not in ("$defs", "definitions")}
         if "$ref" in schema:
             if constraining != {"$ref"}:
                 raise SchemaError(f"$ref beside {', '.join(sorted(constraining - {'$ref'}))} is not supported")
@@ -223,12 +257,16 @@ class _Compiler:
             if not isinstance(alternatives, list) or not alternatives or len(alternatives) > MAX_CHOICES:
                 raise SchemaError(f"anyOf / oneOf must be an array of 1 to {MAX_CHOICES} schemas")
             # Constraints beside anyOf apply to every alternative (oneOf is enforced as anyOf).
-            beside = {k: schema[k] for k in constraining - {"anyOf", "oneOf"}}
+            beside = {k: schema[k] for k in (constraining | (_LIMITS & schema.keys())) - {"anyOf", "oneOf"}}
             if beside:
                 alternatives = [{**beside, **a} if isinstance(a, dict) else a for a in alternatives]
             node.any_of = tuple(self.compile(s, depth + 1) for s in alternatives)
             return index
         node.types = self._types(schema)
+        if "string" in node.types:
+            _string_limits(node, schema)
+        if "integer" in node.types and _NUMBER_LIMITS & schema.keys():
+            node.regex = _integer_texts(schema)
         if "object" in node.types:
             self._object(node, schema, depth)
         if "array" in node.types:
@@ -338,6 +376,67 @@ def _count(schema: dict, key: str, default: int | None) -> int | None:
     return value
 
 
+def _string_limits(node: Node, schema: dict) -> None:
+    node.min_length = _count(schema, "minLength", 0)
+    node.max_length = _count(schema, "maxLength", None)
+    if node.max_length is not None and node.max_length < node.min_length:
+        raise SchemaError("maxLength is below minLength")
+    if "pattern" in schema:
+        node.pattern = _compiled_regex(_searching(schema["pattern"]), json_string=True)
+
+
+def _searching(pattern: Any) -> str:
+    """A JSON Schema pattern matches anywhere in the string; compile_regex matches whole texts.
+    Anchors are dropped and their absence becomes `.*`. Where an anchor binds less than the
+    whole pattern (`^a|b$`) the result is stricter than the schema, never looser: every string
+    written still matches."""
+    if not isinstance(pattern, str):
+        raise SchemaError("pattern must be a string")
+    body, start, end = pattern, ".*", ".*"
+    if body.startswith("^"):
+        body, start = body[1:], ""
+    if body.endswith("$") and (len(body[:-1]) - len(body[:-1].rstrip("\\"))) % 2 == 0:  # not an escaped \$
+        body, end = body[:-1], ""
+    return f"{start}(?:{body}){end}"
+
+
+def _integer_texts(schema: dict) -> Regex:
+    """The integers in [minimum, maximum] (exclusive forms too, draft 4's boolean ones included)."""
+    low, high = _bound(schema, "minimum"), _bound(schema, "maximum")
+    low = math.ceil(low) if low is not None else None
+    high = math.floor(high) if high is not None else None
+    exclusive_low, exclusive_high = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
+    if isinstance(exclusive_low, bool):  # draft 4: a flag on minimum
+        if exclusive_low and low is not None and low == schema["minimum"]:
+            low += 1
+    elif exclusive_low is not None:
+        above = math.floor(_bound(schema, "exclusiveMinimum")) + 1
+        low = above if low is None else max(low, above)
+    if isinstance(exclusive_high, bool):
+        if exclusive_high and high is not None and high == schema["maximum"]:
+            high -= 1
+    elif exclusive_high is not None:
+        below = math.ceil(_bound(schema, "exclusiveMaximum")) - 1
+        high = below if high is None else min(high, below)
+    if low is not None and high is not None and low > high:
+        raise SchemaError("no integer lies between the schema's minimum and maximum")
+    return _compiled_regex(lambda: integer_range(low, high))
+
+
+def _bound(schema: dict, key: str) -> float | int | None:
+    value = schema.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        raise SchemaError(f"{key} must be a number")
+    return value
+
+
+def _compiled_regex(pattern, json_string: bool = False) -> Regex:
+    try:
+        return compile_regex(pattern() if callable(pattern) else pattern, json_string=json_string)
+    except RegexError as error:
+        raise SchemaError(f"pattern: {error}") from None
+
+
 def _literal(value: Any) -> bytes:
     try:
         return json.dumps(value, ensure_ascii=False, separators=(", ", ": "), allow_nan=False).encode()
@@ -359,9 +458,14 @@ def _literal(value: Any) -> bytes:
 _NUMBER_DONE = frozenset({2, 3, 5, 8})
 
 
-def _finishes(stack: Stack) -> bool:
-    """Whether the stack is a finished-if-nothing-follows number and nothing else."""
-    return len(stack) == 1 and stack[0][0] == "N" and stack[0][2] in _NUMBER_DONE
+def _finishes(nodes: list[Node], stack: Stack) -> bool:
+    """Whether the stack is a finished-if-nothing-follows number (or regex text) and nothing else."""
+    if len(stack) != 1:
+        return False
+    frame = stack[0]
+    if frame[0] == "N":
+        return frame[2] in _NUMBER_DONE
+    return frame[0] == "X" and nodes[frame[1]].regex.accepting(frame[2])
 
 
 def _step(nodes: list[Node], stack: Stack, byte: int, out: set[Stack]) -> None:
@@ -382,6 +486,10 @@ def _step(nodes: list[Node], stack: Stack, byte: int, out: set[Stack]) -> None:
         _step_object(nodes, frame, rest, byte, out)
     elif kind == "A":
         _step_array(nodes, frame, rest, byte, out)
+    elif kind == "T":
+        _step_bounded_string(nodes, frame, rest, byte, out)
+    elif kind == "X":
+        _step_regex(nodes, frame, rest, byte, out)
 
 
 def _start_value(nodes: list[Node], index: int, rest: Stack, byte: int, out: set[Stack]) -> None:
@@ -403,13 +511,18 @@ def _start_value(nodes: list[Node], index: int, rest: Stack, byte: int, out: set
     elif byte == 0x5B and "array" in types:  # [
         out.add(rest + (("A", index, 0, "first", 0),))
     elif byte == 0x22 and "string" in types:  # "
-        out.add(rest + (("S", 0),))
+        if node.bounded_string:
+            out.add(rest + (("T", index, 0, (0,), node.pattern.start if node.pattern else -1),))
+        else:
+            out.add(rest + (("S", 0),))
     elif byte == 0x74 and "boolean" in types:  # t
         out.add(rest + (("L", b"true", 1),))
     elif byte == 0x66 and "boolean" in types:  # f
         out.add(rest + (("L", b"false", 1),))
     elif byte == 0x6E and "null" in types:  # n
         out.add(rest + (("L", b"null", 1),))
+    elif node.regex is not None and ("number" in types or "integer" in types):
+        _step_regex(nodes, ("X", index, node.regex.start), rest, byte, out)
     elif "number" in types or "integer" in types:
         _step_number(nodes, ("N", "number" not in types, 0), rest, byte, out)
 
@@ -434,6 +547,47 @@ def _step_string(frame: Frame, rest: Stack, byte: int, out: set[Stack]) -> None:
             out.add(rest + (("S", 5 if byte == 0x75 else 0),))
     elif byte in _HEX:  # modes 5..2: that many hex digits of \uXXXX left, + 1
         out.add(rest + (("S", 0 if mode == 2 else mode - 1),))
+
+
+def _regex_ends(nodes: list[Node], stack: Stack) -> bool:
+    """The stack is only regex text (guided_regex) that has matched and cannot go on."""
+    return len(stack) == 1 and stack[0][0] == "X" and nodes[stack[0][1]].regex.finished(stack[0][2])
+
+
+def _step_bounded_string(nodes: list[Node], frame: Frame, rest: Stack, byte: int, out: set[Stack]) -> None:
+    """Inside a string with minLength / maxLength / pattern: `count` characters read so far
+    (counted up to the limits only), `sub` the plain string frame's mode, `dfa` the pattern's
+    state. A pattern's text is written as it is (regex_dfa's json_string: no escapes)."""
+    _, index, count, sub, dfa = frame
+    node = nodes[index]
+    if sub == (0,):
+        if byte == 0x22:
+            if count >= node.min_length and (node.pattern is None or node.pattern.accepting(dfa)):
+                out.add(rest)
+            return
+        if node.max_length is not None and count >= node.max_length:
+            return
+        count = min(count + 1, node.max_length if node.max_length is not None else node.min_length)
+    inner: set[Stack] = set()
+    _step_string(("S",) + sub, (), byte, inner)
+    if node.pattern is not None:
+        dfa = node.pattern.step(dfa, byte)
+        if dfa < 0:
+            return
+    for (after,) in inner:  # one at most: the string's next frame
+        out.add(rest + (("T", index, count, after[1:], dfa),))
+
+
+def _step_regex(nodes: list[Node], frame: Frame, rest: Stack, byte: int, out: set[Stack]) -> None:
+    """A value whose text matches a regex (integers in bounds; guided_regex at the top): it may
+    end wherever the regex accepts, and the byte then belongs to what holds it."""
+    _, index, dfa = frame
+    regex = nodes[index].regex
+    nxt = regex.step(dfa, byte)
+    if nxt >= 0:
+        out.add(rest + (("X", index, nxt),))
+    if rest and regex.accepting(dfa):
+        _step(nodes, rest, byte, out)
 
 
 def _step_number(nodes: list[Node], frame: Frame, rest: Stack, byte: int, out: set[Stack]) -> None:

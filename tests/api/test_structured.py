@@ -173,7 +173,41 @@ def test_structured_outputs_choice_on_completions(http):
     assert r.json()["choices"][0]["text"] in ("happy", "sad")
 
 
+@pytest.mark.parametrize("extra", [{"guided_regex": r"[A-Z]{2}-\d{3}( ok)?"},
+                                   {"structured_outputs": {"regex": r"[A-Z]{2}-\d{3}( ok)?"}}])
+def test_vllm_guided_regex_replies_match_the_regex_whole(sdk, extra):
+    import re
+
+    reply = sdk.chat.completions.create(model="tiny-smol", messages=QUESTION, n=4, seed=4, temperature=1.0,
+                                        max_tokens=20, extra_body=extra)
+    for choice in reply.choices:
+        assert re.fullmatch(r"[A-Z]{2}-\d{3}( ok)?", choice.message.content), choice.message.content
+        assert choice.finish_reason == "stop"
+
+
+def test_string_lengths_patterns_and_integer_bounds_are_enforced(sdk):
+    """A random model closes no string of its own accord: maxLength and the pattern close them."""
+    schema = {"type": "object", "properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{3}$"},
+        "tag": {"type": "string", "minLength": 1, "maxLength": 4},
+        "month": {"type": "integer", "minimum": 1, "maximum": 12},
+    }, "required": ["code", "tag", "month"], "additionalProperties": False}
+    reply = sdk.chat.completions.create(model="tiny-smol", messages=QUESTION, n=4, seed=6, temperature=1.0,
+                                        max_tokens=120, response_format=schema_format(schema))
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+def test_a_bad_regex_is_a_400_naming_the_field(http):
+    r = http.post("/v1/chat/completions", json={"model": "tiny-smol", "messages": QUESTION, "max_tokens": 4,
+                                                "guided_regex": "(?<=a)b"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "guided_regex", r.text
+
+
 @pytest.mark.parametrize("extra", [
+    {"guided_choice": ["a"], "guided_regex": "a"},
+    {"structured_outputs": {"choice": ["a"], "regex": "a"}},
     {"guided_choice": ["a"], "guided_json": {}},
     {"guided_choice": ["a"], "response_format": {"type": "json_object"}},
     {"structured_outputs": {"json": {}, "choice": ["a"]}},

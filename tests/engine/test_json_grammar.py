@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kiln_ray.engine.guide import Guide, GuideRuntime, GuideState, TokenVocabulary
-from kiln_ray.engine.json_grammar import SchemaError, compile_schema, sequence
+from kiln_ray.engine.json_grammar import SchemaError, compile_schema, regex, sequence
 
 WEATHER = {
     "type": "object",
@@ -37,7 +37,19 @@ MIXED = {
     },
     "required": ["tags", "score", "kind"],
 }
-SCHEMAS = [WEATHER, TREE, MIXED, {"type": "object"}, {}, {"type": "array", "items": {"type": "number"}}]
+LIMITED = {  # value limits: patterns, lengths, integer bounds
+    "type": "object",
+    "properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{2}-\\d{2,4}$"},
+        "name": {"type": "string", "minLength": 2, "maxLength": 5},
+        "age": {"type": "integer", "minimum": -3, "maximum": 140},
+        "small": {"type": "array", "items": {"type": "integer", "exclusiveMaximum": 10}, "maxItems": 3},
+        "word": {"type": "string", "pattern": "[bc]"},  # somewhere in the string
+        "either": {"anyOf": [{"type": "string", "maxLength": 1}, {"type": "integer", "minimum": 10}]},
+    },
+    "required": ["code", "name", "age", "small", "word", "either"],
+}
+SCHEMAS = [WEATHER, TREE, MIXED, LIMITED, {"type": "object"}, {}, {"type": "array", "items": {"type": "number"}}]
 
 
 def accepts(schema, text: str) -> bool:
@@ -76,6 +88,28 @@ def accepts(schema, text: str) -> bool:
     ({}, "1.", False),
     ({"type": "number"}, "-0", True),
     ({"const": {"a": [1, "x"]}}, '{"a": [1, "x"]}', True),
+    ({"type": "string", "minLength": 2, "maxLength": 4}, '"é€😀"', True),  # code points, not bytes
+    ({"type": "string", "minLength": 2, "maxLength": 4}, '"a\\nb"', True),  # an escape is one character
+    ({"type": "string", "minLength": 2, "maxLength": 4}, '"a"', False),
+    ({"type": "string", "minLength": 2, "maxLength": 4}, '"abcde"', False),
+    ({"type": "string", "pattern": "^[a-z]+@[a-z]+\\.com$"}, '"bob@x.com"', True),
+    ({"type": "string", "pattern": "^[a-z]+@[a-z]+\\.com$"}, '"bob@x.org"', False),
+    ({"type": "string", "pattern": "\\d{3}"}, '"a123b"', True),  # a pattern matches anywhere
+    ({"type": "string", "pattern": "\\d{3}"}, '"12a"', False),
+    ({"type": "integer", "minimum": -5, "maximum": 120}, "-5", True),
+    ({"type": "integer", "minimum": -5, "maximum": 120}, "120", True),
+    ({"type": "integer", "minimum": -5, "maximum": 120}, "121", False),
+    ({"type": "integer", "minimum": -5, "maximum": 120}, "-6", False),
+    ({"type": "integer", "exclusiveMinimum": 0}, "12345678901234567890", True),
+    ({"type": "integer", "exclusiveMinimum": 0}, "0", False),
+    ({"type": "integer", "minimum": 0, "exclusiveMinimum": True}, "0", False),  # draft 4's flag
+    ({"type": "integer", "minimum": 1.5, "maximum": 2.5}, "2", True),
+    ({"type": "integer", "minimum": 1.5, "maximum": 2.5}, "1", False),
+    (LIMITED, '{"code": "AB-123", "name": "Zoë", "age": 140, "small": [9, -4], "word": "xcx", "either": 10}', True),
+    (LIMITED, '{"code": "AB-12345", "name": "Zoë", "age": 1, "small": [], "word": "ab", "either": "x"}', False),
+    (LIMITED, '{"code": "AB-12", "name": "Zoë", "age": 1, "small": [10], "word": "ab", "either": "x"}', False),
+    (LIMITED, '{"code": "AB-12", "name": "Zoë", "age": 1, "small": [], "word": "ab", "either": 9}', False),
+    (LIMITED, '{"code": "AB-12", "name": "Zoë", "age": 1, "small": [], "word": "xyz", "either": 9}', False),
 ])
 def test_accepts_exactly_the_valid_documents(schema, text, valid):
     assert accepts(schema, text) is valid
@@ -83,7 +117,7 @@ def test_accepts_exactly_the_valid_documents(schema, text, valid):
         jsonschema.validate(json.loads(text), schema)  # the table itself agrees with the references
 
 
-@pytest.mark.parametrize("schema", SCHEMAS, ids=["weather", "tree", "mixed", "object", "any", "numbers"])
+@pytest.mark.parametrize("schema", SCHEMAS, ids=["weather", "tree", "mixed", "limited", "object", "any", "numbers"])
 def test_random_walks_through_the_grammar_are_valid_json_for_the_schema(schema):
     """Walk the automaton byte by byte, each byte drawn from those it allows: every document
     that completes parses and validates."""
@@ -126,6 +160,11 @@ def test_random_walks_through_the_grammar_are_valid_json_for_the_schema(schema):
     ([1], "must be an object"),
     ({"$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "null"}]}}, "$ref": "#/$defs/a"}, "back to itself"),
     ({"type": "object", "properties": {"a": {}}, "required": [["a"]]}, "required"),
+    ({"type": "string", "pattern": "(?=a)b"}, "pattern"),
+    ({"type": "string", "pattern": 3}, "pattern"),
+    ({"type": "string", "minLength": 3, "maxLength": 1}, "maxLength"),
+    ({"type": "integer", "minimum": 5, "maximum": 4.5}, "no integer"),
+    ({"type": "integer", "maximum": "9"}, "number"),
 ])
 def test_schemas_it_cannot_enforce_are_refused(schema, error):
     with pytest.raises(SchemaError, match=error):
@@ -157,11 +196,16 @@ def test_token_bytes_are_what_the_tokenizer_decodes(smol_vocabulary):
         assert vocabulary.token_bytes[special] is None  # EOS and friends are never document text
 
 
-@pytest.mark.parametrize("prefix", ['', '{', '{"', '{"ci', '{"city": ', '{"city": "Pa', '{"city": "Pa\\', '{"city": "P", ',
-                                    '{"city": "P", "unit": "c', '{"city": "P", "days": 4', '{"city": "P", "days": 4}'])
-def test_masks_equal_a_brute_force_feed_of_every_token(smol_vocabulary, prefix):
+@pytest.mark.parametrize("schema, prefix", [(WEATHER, p) for p in ['', '{', '{"', '{"ci', '{"city": ', '{"city": "Pa', '{"city": "Pa\\', '{"city": "P", ',
+                                    '{"city": "P", "unit": "c', '{"city": "P", "days": 4', '{"city": "P", "days": 4}']] + [(LIMITED, p) for p in (
+    '{"code": "', '{"code": "A', '{"code": "AB-12', '{"code": "AB-12", "name": "', '{"code": "AB-12", "name": "abcd',
+    '{"code": "AB-12", "name": "ab', '{"code": "AB-12", "name": "ab", "age": ', '{"code": "AB-12", "name": "ab", "age": 14',
+    '{"code": "AB-12", "name": "ab", "age": -', '{"code": "AB-12", "name": "ab", "age": 1, "small": [',
+    '{"code": "AB-12", "name": "ab", "age": 1, "small": [], "word": "xa',
+    '{"code": "AB-12", "name": "ab", "age": 1, "small": [], "word": "ab", "either": ')])
+def test_masks_equal_a_brute_force_feed_of_every_token(smol_vocabulary, schema, prefix):
     _, vocabulary = smol_vocabulary
-    grammar = compile_schema(WEATHER)
+    grammar = compile_schema(schema)
     state = grammar.feed(grammar.start, prefix.encode())
     assert state
     expected = torch.tensor([b is not None and bool(grammar.feed(state, b)) for b in vocabulary.token_bytes])
@@ -280,3 +324,17 @@ def test_strings_are_valid_utf8(data, valid):
     grammar = compile_schema({"type": "string"})
     state = grammar.feed(grammar.start, data)
     assert (bool(state) and grammar.complete(state)) is valid
+
+
+def test_a_regex_grammar_reads_exactly_the_texts_the_regex_matches_whole(smol_vocabulary):
+    _, vocabulary = smol_vocabulary
+    grammar = regex(r"(yes|no), \d{1,2}")
+    for text, valid in [("yes, 7", True), ("no, 42", True), ("no, 420", False), ("maybe, 1", False), ("yes,7", False)]:
+        state = grammar.feed(grammar.start, text.encode())
+        assert (bool(state) and grammar.complete(state)) is valid, text
+    assert grammar.finished(grammar.feed(grammar.start, b"no, 42"))  # nothing may follow: only EOS
+    assert not grammar.finished(grammar.feed(grammar.start, b"no, 4"))
+    for prefix in ("", "ye", "yes, ", "no, 4"):
+        state = grammar.feed(grammar.start, prefix.encode())
+        expected = torch.tensor([b is not None and bool(grammar.feed(state, b)) for b in vocabulary.token_bytes])
+        assert torch.equal(vocabulary.allowed(grammar, state), expected), prefix
