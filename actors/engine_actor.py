@@ -46,6 +46,7 @@ log = logging.getLogger("kiln_ray.engine")
 
 HEARTBEAT_S = 5.0  # a subscription yields at least this often, even with nothing to say
 OUTBOX_LEASE_S = 60.0
+STEP_STALL_S = 300.0  # one step running longer than this is hung (check_health fails)
 
 
 @serve.deployment(name="KilnEngine")
@@ -219,8 +220,10 @@ class KilnEngine:
         return out
 
     def check_health(self) -> None:
-        if not self.engine.is_alive():
-            raise RuntimeError(f"the engine loop is dead: {self.engine.error!r}")
+        """Serve restarts a replica whose check fails: a dead step loop, or a hung step."""
+        problem = self.engine.health_problem(STEP_STALL_S)
+        if problem is not None:
+            raise RuntimeError(problem)
 
 
 class RemoteTraining:

@@ -122,4 +122,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         request_id = getattr(request.state, "request_id", "")  # set by the app's middleware
         log.exception("unhandled error in %s %s (request %s)", request.method, request.url.path, request_id)
-        return JSONResponse(error_body(500, f"internal error ({type(error).__name__})", code="internal_error"), status_code=500)
+        # Answered outside the app's middleware: the x-request-id header is set here.
+        return JSONResponse(error_body(500, f"internal error ({type(error).__name__})", code="internal_error"),
+                            status_code=500, headers={"x-request-id": request_id} if request_id else None)

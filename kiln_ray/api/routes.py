@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from kiln_ray import logs
 from kiln_ray.api import openai_format as fmt
 from kiln_ray.api.chat import ChatFormatError, forced_call_prefix, render_chat
 from kiln_ray.api.auth import KeyCheck, presented_key, required_access, route_path
@@ -77,6 +78,13 @@ def create_app(ctx: ServerContext) -> FastAPI:
     async def _count(request: Request, call_next):
         request.state.request_id = _request_id(request.headers.get("x-request-id"))
         request.state.response_id = None  # the completion id, once a generation route made one
+        named = logs.request_id.set(request.state.request_id)  # every log line of the request says which
+        try:
+            return await _handle(request, call_next)
+        finally:
+            logs.request_id.reset(named)
+
+    async def _handle(request: Request, call_next):
         try:
             access = required_access(request.method, route_path(request.scope), ctx.config.metrics_require_key)
             keys.check(access, presented_key(request.headers))

@@ -116,8 +116,17 @@ class EngineStreams:
             raise mapped from None
 
     async def consume_all(self, started: list[Started], timings: list[Timing]) -> None:
-        """`consume` the requests `start_all` started, together."""
-        await asyncio.gather(*(self.consume(rest, t) for (_, rest), t in zip(started, timings)))
+        """`consume` the requests `start_all` started, together. The first to fail fails them
+        all: the others are cancelled (so their engine requests are aborted), not left running
+        for a reply that was already sent."""
+        tasks = [asyncio.ensure_future(self.consume(rest, t)) for (_, rest), t in zip(started, timings)]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     def record(self, rid: str, request_id: str, kind: str, num_prompt: int, choices: list[ChoiceText],
                timing: Timing) -> None:

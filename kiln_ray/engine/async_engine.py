@@ -119,6 +119,7 @@ class AsyncLLMEngine:
         self._stop = False
         self._error: BaseException | None = None
         self._stats = engine.stats()
+        self._step_started: float | None = None  # monotonic time the running step began
         self._thread = threading.Thread(target=self._run, name="kiln-engine-loop", daemon=True)
         self._thread.start()
 
@@ -198,6 +199,16 @@ class AsyncLLMEngine:
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self._error is None
 
+    def health_problem(self, stall_after_s: float) -> str | None:
+        """Why the loop cannot serve (dead, or one step running past `stall_after_s`: hung),
+        or None. A step is bounded by the token budget: seconds, not minutes."""
+        if not self.is_alive():
+            return f"the engine loop is dead: {self._error!r}"
+        started = self._step_started
+        if started is not None and time.monotonic() - started > stall_after_s:
+            return f"one engine step has run for {time.monotonic() - started:.0f} s (more than {stall_after_s:g} s): hung"
+        return None
+
     @property
     def error(self) -> BaseException | None:
         return self._error
@@ -229,7 +240,9 @@ class AsyncLLMEngine:
                     self._wakeup.wait(timeout=1.0)
                     continue
                 start = time.perf_counter()
+                self._step_started = time.monotonic()
                 outputs = self.engine.step()
+                self._step_started = None
                 elapsed = time.perf_counter() - start
                 self._deliver(outputs)
                 self._stats = self.engine.stats()

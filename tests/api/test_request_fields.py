@@ -49,6 +49,14 @@ def test_min_p_samples_only_tokens_near_the_most_likely(sdk):
     assert only_the_best.choices[0].message.content == greedy.choices[0].message.content
 
 
+def test_top_k_samples_only_the_k_most_likely(sdk):
+    kept, _ = most_likely_first_tokens(sdk)
+    sampled = chat(sdk, max_tokens=1, temperature=1.0, n=16, seed=1, logprobs=True, extra_body={"top_k": len(kept)})
+    assert first_tokens(sampled) <= set(kept)
+    unrestricted = chat(sdk, max_tokens=1, temperature=1.0, n=16, seed=1, logprobs=True, extra_body={"top_k": -1})
+    assert not first_tokens(unrestricted) <= set(kept)  # -1 (and 0) turn it off
+
+
 def tokens(resp) -> list[str]:
     return [t.token for t in resp.choices[0].logprobs.content]
 

@@ -192,6 +192,39 @@ def test_a_client_request_id_is_echoed_and_logged_beside_the_completion_id(http,
     assert any("trace-43" in line and "404" in line for line in caplog.messages)
 
 
+def test_every_log_line_of_a_request_and_its_500_carry_its_request_id(http, caplog):
+    """kiln_ray.logs appends the x-request-id to lines logged while a request is handled (tasks
+    it starts included); a 500, answered outside the app's middleware, still has the header."""
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    from kiln_ray import logs
+
+    app, log = http.app, logging.getLogger("kiln_ray.api")
+
+    async def probe():
+        log.info("probe in the handler")
+        await asyncio.create_task(asyncio.sleep(0, log.info("probe in a task")))
+        return {}
+
+    async def fail():
+        raise RuntimeError("boom")
+
+    app.get("/v1/_probe")(probe)
+    app.get("/v1/_fail")(fail)
+    caplog.handler.addFilter(logs._RequestIdFilter())
+    with caplog.at_level(logging.INFO, logger="kiln_ray.api"):
+        assert http.get("/v1/_probe", headers={"x-request-id": "trace-77"}).status_code == 200
+        log.info("outside any request")
+        failed = TestClient(app, raise_server_exceptions=False).get("/v1/_fail", headers={"x-request-id": "trace-78"})
+    suffixes = {r.getMessage(): r.request_suffix for r in caplog.records}
+    assert suffixes["probe in the handler"] == suffixes["probe in a task"] == " x-request-id=trace-77"
+    assert suffixes["outside any request"] == ""
+    assert failed.status_code == 500 and failed.headers["x-request-id"] == "trace-78"
+    assert failed.json()["error"]["code"] == "internal_error"
+
+
 def test_unknown_openai_fields_are_ignored(http):
     body = {"messages": CHAT, "max_tokens": 2, "user": "u-1", "store": False, "metadata": {"a": "b"}, "some_new_field": 1}
     assert http.post("/v1/chat/completions", json=body).status_code == 200

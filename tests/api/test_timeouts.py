@@ -72,3 +72,39 @@ def test_a_stream_that_outlives_the_timeout_ends_with_a_504_event(server):
     assert [e["code"] for e in errors] == ["timeout"] and rest[-1] == "[DONE]"
     wait_idle(engine)
     assert not engine.engine.requests
+
+
+def test_the_first_failing_prompt_of_a_multi_prompt_request_stops_the_others():
+    """EngineStreams.consume_all: one prompt's engine stream fails, and the other prompts'
+    streams are closed at once (closing is what aborts their engine requests) instead of
+    running on for a reply that has already failed."""
+    import asyncio
+
+    from kiln_ray.api.errors import APIError
+    from kiln_ray.api.streaming import EngineStreams, Timing
+    from kiln_ray.metrics import Metrics
+
+    closed = []
+
+    async def endless(name):
+        try:
+            while True:
+                await asyncio.sleep(0.01)
+                yield []
+        finally:
+            closed.append(name)
+
+    async def failing():
+        yield []
+        raise ValueError("this prompt failed")
+
+    async def main():
+        streams = EngineStreams(None, Metrics("ingress"), stream_interval=1, request_timeout_s=60)
+        loop = asyncio.get_running_loop()
+        timings = [Timing(deadline=loop.time() + 60) for _ in range(3)]
+        started = [(None, endless("a")), (None, failing()), (None, endless("c"))]
+        with pytest.raises(APIError, match="this prompt failed"):  # a ValueError from the engine is a 400
+            await asyncio.wait_for(streams.consume_all(started, timings), 10)
+        assert sorted(closed) == ["a", "c"]
+
+    asyncio.run(main())

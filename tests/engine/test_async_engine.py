@@ -135,6 +135,38 @@ def test_a_failing_step_kills_the_loop_and_fails_every_stream(engine, monkeypatc
     asyncio.run(main())
 
 
+def test_health_reports_a_hung_step_and_a_dead_loop(engine, monkeypatch):
+    """What KilnEngine.check_health raises on, so Serve restarts the replica."""
+    import threading
+    import types
+
+    from actors.engine_actor import KilnEngine
+
+    release, step = threading.Event(), engine.engine.step
+    monkeypatch.setattr(engine.engine, "step", lambda: (release.wait(30), step())[1])
+    replica = types.SimpleNamespace(engine=engine)
+
+    async def main():
+        task = asyncio.create_task(collect(engine, req("stuck", 4)))
+        await asyncio.sleep(0.3)
+        assert engine.health_problem(stall_after_s=60) is None  # running a step, not for long
+        assert "hung" in engine.health_problem(stall_after_s=0.1)
+        monkeypatch.setattr("actors.engine_actor.STEP_STALL_S", 0.1)
+        with pytest.raises(RuntimeError, match="hung"):
+            KilnEngine.func_or_class.check_health(replica)
+        release.set()
+        await task
+        assert engine.health_problem(stall_after_s=0.1) is None  # between steps again
+        KilnEngine.func_or_class.check_health(replica)
+        monkeypatch.setattr(engine.engine, "step", lambda: 1 / 0)
+        with pytest.raises(EngineDeadError):
+            await collect(engine, req("fatal", 4))
+        with pytest.raises(RuntimeError, match="dead"):
+            KilnEngine.func_or_class.check_health(replica)
+
+    asyncio.run(main())
+
+
 def test_a_consumer_whose_event_loop_closed_does_not_kill_the_loop(engine):
     """A caller's event loop that dies mid-request (no abort sent) must not take the engine
     thread down: the request is aborted and others keep being served."""
