@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -130,6 +130,13 @@ class KilnConfig(_Frozen):
     engine: EngineConfig = EngineConfig()
     training: TrainingConfig = TrainingConfig()
     deploy: DeployConfig = DeployConfig()
+
+    @model_validator(mode="after")
+    def _servable_default_rank(self) -> KilnConfig:
+        if self.training.lora_rank > self.engine.max_lora_rank:
+            raise ValueError(f"training.lora_rank {self.training.lora_rank} is above engine.max_lora_rank "
+                             f"{self.engine.max_lora_rank}: the adapters jobs train could not be served")
+        return self
 
     @property
     def adapter_dir(self) -> Path:

@@ -77,3 +77,9 @@ def test_readme_documents_every_config_field():
     fields += [f"`{s}.{n}`" for s, model in sections.items() for n in model.model_fields]
     missing = [f for f in fields if f not in readme]
     assert not missing, f"README configuration table misses {missing}"
+
+
+def test_a_default_rank_the_engine_cannot_serve_is_refused():
+    with pytest.raises(ValueError, match="max_lora_rank"):
+        KilnConfig.from_args({"training": {"lora_rank": 64}, "engine": {"max_lora_rank": 32}})
+    assert KilnConfig.from_args({"training": {"lora_rank": 64}, "engine": {"max_lora_rank": 64}}).training.lora_rank == 64

@@ -1,12 +1,13 @@
 """Optional API keys.
 
-    KILN_API_KEY    every /v1 route (and /metrics when `metrics_require_key`)
+    KILN_API_KEY    every route not listed open below (and /metrics when `metrics_require_key`)
     KILN_ADMIN_KEY  training and adapter-changing routes; falls back to the API key.
                     The admin key also opens every route the API key opens.
 
 Keys arrive as `Authorization: Bearer <key>` (what the openai SDK sends) or `x-api-key`.
 No key configured: the routes are open (the server binds to loopback by default). /health
-and the /ui page are always open; the page's API calls carry the key the user types in.
+and the /ui page (and the API docs) are always open; the page's API calls carry the key the
+user types in.
 
 A missing or wrong key is a 401, a valid API key on an admin route a 403, both with an
 OpenAI-style body. Keys are compared in constant time (hmac.compare_digest, over every
@@ -20,6 +21,7 @@ import enum
 import hmac
 
 from pydantic import SecretStr
+from starlette._utils import get_route_path  # what Starlette's router matches (FastAPI uses it too)
 
 from kiln_ray.api.errors import APIError
 
@@ -32,25 +34,24 @@ class Access(enum.IntEnum):
 
 # Adapter routes that only read. Everything else under /v1/adapters changes the served set.
 _ADAPTER_READS = {("GET", "/v1/adapters")}
+_OPEN = {"/health", "/ui", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 
 
 def route_path(scope: dict) -> str:
-    """The path the app routes by: without the root path it is mounted under (Ray Serve's
-    route_prefix arrives as root_path, and the path still carries it), as Starlette strips it."""
-    path, root = scope["path"], scope.get("root_path", "").rstrip("/")
-    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
-        return path[len(root):] or "/"
-    return path
+    """The path the app routes by: Starlette's own reading of it (Ray Serve's route_prefix
+    arrives as root_path, and the path still carries it), so what is checked is what is routed."""
+    return get_route_path(scope) or "/"
 
 
 def required_access(method: str, path: str, metrics_require_key: bool = False) -> Access:
-    """Which key a request needs, from its method and path alone (before routing, so an
-    unknown path under /v1 still needs a key and cannot be used to probe the route table)."""
+    """Which key a request needs, from its method and the path it routes by alone (before
+    routing, so an unknown path still needs a key and cannot be used to probe the route
+    table). Closed unless listed open: /health, the /ui page, the API docs, /metrics."""
     path = path.rstrip("/") or "/"
     if path == "/metrics":
         return Access.USER if metrics_require_key else Access.OPEN
-    if not (path == "/v1" or path.startswith("/v1/")):
-        return Access.OPEN  # /health, /ui, /docs, /openapi.json
+    if path in _OPEN or path.startswith("/ui/"):
+        return Access.OPEN
     if path.startswith("/v1/train"):
         return Access.ADMIN  # jobs carry training data: reading their status is admin too
     if path == "/v1/adapters" or path.startswith("/v1/adapters/"):

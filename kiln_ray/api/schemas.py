@@ -310,7 +310,7 @@ class TrainJobConfig(_Body):
     epochs: int | None = Field(None, ge=1, le=1000)
     steps: int | None = Field(None, ge=1, le=1000)
     learning_rate: float | None = Field(None, gt=0, le=1.0)
-    lora_rank: int | None = Field(None, ge=1, le=256)
+    lora_rank: int | None = Field(None, ge=1, le=512)  # and at most engine.max_lora_rank (training_routes)
     lora_alpha: float | None = Field(None, gt=0)
     from_scratch: bool = False
     activate: bool = False

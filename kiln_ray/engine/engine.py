@@ -242,7 +242,14 @@ class LLMEngine:
             # The thread ends when the read does, and with it any torch thread pool it made.
             pool = ThreadPoolExecutor(1, thread_name_prefix="kiln-vocabulary")
             self._vocabulary_reader = pool.submit(self._read_vocabulary)
+            self._vocabulary_reader.add_done_callback(self._vocabulary_read)
             pool.shutdown(wait=False)
+
+    def _vocabulary_read(self, reader: Future) -> None:
+        error = reader.exception()
+        if error is not None:  # said now, not at the first guided request; that one reads again
+            log.warning("guided decoding: the token bytes could not be read (%r); the next guided request tries again", error)
+            self._vocabulary_reader = None
 
     def _read_vocabulary(self) -> TokenVocabulary:
         from kiln_ray.model.registry import load_tokenizer

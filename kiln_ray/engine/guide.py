@@ -8,8 +8,10 @@
 A token is allowed when all its bytes continue the grammar (TokenVocabulary walks the vocabulary
 sorted by bytes, so one failing byte rules out every token that starts with it). Masks are
 cached per (grammar, state) in a GuideRuntime, which the engine shares between requests with the
-same grammar; inside a plain string the mask is the vocabulary's "plain" tokens (whole UTF-8 characters,
-no quote, backslash or control byte) plus the others that still fit, so the expensive case costs a walk of a few thousand tokens once.
+same grammar. Inside a string the mask is the vocabulary's "plain" tokens (whole UTF-8 characters,
+no quote, backslash or control byte) that fit its maxLength and keep its pattern alive (cached per
+pattern state), plus the few thousand others walked one by one: a string that counts its length
+changes state with every token, and costs ~1-5 ms a token on SmolLM2's vocabulary.
 
 Once a document is complete a "stop" guide allows only stop tokens (EOS), a "free" guide lets the
 sequence go on unconstrained. A guide with a `trigger` starts free and (re)starts its grammar
@@ -26,15 +28,17 @@ import bisect
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
 from kiln_ray.engine.json_grammar import Grammar, GrammarOverflow, State
+from kiln_ray.engine.regex_dfa import Regex
 
 log = logging.getLogger("kiln_ray.engine")
 
 MASK_CACHE_SIZE = 128  # masks kept per grammar (bool, one byte per token id: 6 MiB at 49k tokens)
+PATTERN_MASK_CACHE_SIZE = 128  # plain tokens per (string pattern, DFA state), for every grammar
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,12 +65,15 @@ class TokenVocabulary:
         self.ids = [i for _, i in entries]
         # Plain tokens keep a string a string: whole UTF-8 characters, none a quote, backslash
         # or control byte. Byte pieces of a character are walked like the rest.
-        plain = [(i, len(b.decode())) for b, i in entries if _plain_text(b)]
+        plain = [(b, i) for b, i in entries if _plain_text(b)]
+        self.plain_keys = [b for b, _ in plain]  # sorted, for walks through a string's pattern
+        self.plain_ids = [i for _, i in plain]
         self.plain = torch.zeros(self.size, dtype=torch.bool)
-        self.plain[[i for i, _ in plain]] = True
+        self.plain[self.plain_ids] = True
         self.plain_chars = torch.zeros(self.size, dtype=torch.int32)  # characters of each plain token
-        self.plain_chars[[i for i, _ in plain]] = torch.tensor([n for _, n in plain], dtype=torch.int32)
-        self.longest_plain = max((n for _, n in plain), default=0)
+        self.plain_chars[self.plain_ids] = torch.tensor([len(b.decode()) for b, _ in plain], dtype=torch.int32)
+        self.longest_plain = int(self.plain_chars.max()) if plain else 0
+        self._pattern_masks: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
         other = [(b, i) for b, i in entries if not self.plain[i]]
         self.other_keys = [b for b, _ in other]
         self.other_ids = [i for _, i in other]
@@ -101,23 +108,45 @@ class TokenVocabulary:
                 out[i] = piece.replace("\u2581", " ").encode()
         return cls(out)
 
+    def _plain_in_pattern(self, pattern: Regex, dfa: int) -> torch.Tensor:
+        """The plain tokens a string's pattern keeps alive from its DFA state `dfa` (cached:
+        a pattern has few states, and its strings change state far less often than length)."""
+        key = (pattern.pattern, dfa)
+        hit = self._pattern_masks.get(key)
+        if hit is not None:
+            self._pattern_masks.move_to_end(key)
+            return hit
+        step = lambda st, byte: None if (nxt := pattern.step(st, byte)) < 0 else nxt  # noqa: E731
+        mask = torch.zeros(self.size, dtype=torch.bool)
+        ids = _walk(step, dfa, self.plain_keys, self.plain_ids)
+        if ids:
+            mask[ids] = True
+        self._pattern_masks[key] = mask
+        if len(self._pattern_masks) > PATTERN_MASK_CACHE_SIZE:
+            self._pattern_masks.popitem(last=False)
+        return mask
+
     def allowed(self, grammar: Grammar, state: State) -> torch.Tensor:
         """Bool mask over token ids: the tokens whose bytes all continue `state`."""
         mask = torch.zeros(self.size, dtype=torch.bool)
-        room = grammar.free_string_room(state)
-        if room is not None:
-            mask |= self.plain if room >= self.longest_plain else self.plain & (self.plain_chars <= room)
-            ids = _walk(grammar, state, self.other_keys, self.other_ids)
+        step = lambda st, byte: grammar.step(st, byte) or None  # noqa: E731 - an empty state is dead
+        runs = grammar.plain_text_runs(state)
+        if runs is not None:
+            for pattern, dfa, room in runs:
+                plain = self.plain if pattern is None else self._plain_in_pattern(pattern, dfa)
+                mask |= plain if room >= self.longest_plain else plain & (self.plain_chars <= room)
+            ids = _walk(step, state, self.other_keys, self.other_ids)
         else:
-            ids = _walk(grammar, state, self.keys, self.ids)
+            ids = _walk(step, state, self.keys, self.ids)
         if ids:
             mask[ids] = True
         return mask
 
 
-def _walk(grammar: Grammar, state: State, keys: list[bytes], ids: list[int]) -> list[int]:
-    """Ids of the tokens in `keys` (sorted) whose bytes all step from `state`. Tokens sharing a
-    prefix share its steps; a dead prefix prunes all of them at once."""
+def _walk(step: Callable, state, keys: list[bytes], ids: list[int]) -> list[int]:
+    """Ids of the tokens in `keys` (sorted) whose bytes all step from `state` (`step(state,
+    byte)` is None when dead). Tokens sharing a prefix share its steps; a dead prefix prunes
+    all of them at once."""
     out: list[int] = []
 
     def walk(lo: int, hi: int, depth: int, st: State) -> None:
@@ -130,8 +159,8 @@ def _walk(grammar: Grammar, state: State, keys: list[bytes], ids: list[int]) -> 
             key = keys[i]
             byte = key[depth]
             j = hi if byte == 255 else bisect.bisect_left(keys, key[:depth] + bytes([byte + 1]), i, hi)
-            nxt = grammar.step(st, byte)
-            if nxt:
+            nxt = step(st, byte)
+            if nxt is not None:
                 walk(i, j, depth + 1, nxt)
             i = j
 

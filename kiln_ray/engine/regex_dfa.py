@@ -2,21 +2,31 @@
 
 `compile_regex(pattern)` turns a pattern (the subset kiln_ray/engine/regex_syntax.py parses) into a
 `Regex`, a table of DFA states over bytes. It accepts exactly the UTF-8 encodings of the strings
-`s` for which `re.fullmatch(pattern, s, re.ASCII)` matches (ASCII: `\\d \\w \\s` are ASCII classes),
-and keeps a prefix alive only if some continuation is accepted, so a guide that follows `step`
-never writes itself into a corner. Only valid UTF-8 is accepted or kept alive: no surrogates,
-nothing past U+10FFFF, no overlong forms.
+`s` that `re.fullmatch(pattern, s)` matches once every class is narrowed to the code points it
+holds under re.ASCII, under re's Unicode reading and under ECMA-262 alike (and `\\W` a little
+further; regex_syntax explains): so every accepted string matches the pattern with or without
+re.ASCII, and a JSON Schema `pattern` under an ECMA-262 validator too. guided_regex gets the same
+treatment, since its client may check a reply with or without re.ASCII. A prefix is kept alive
+only if some continuation is accepted, so a guide that follows `step` never writes itself into a
+corner. Only valid UTF-8 is accepted or kept alive: no surrogates, nothing past U+10FFFF, no
+overlong forms.
 
 json_string=True reads the raw content bytes of a JSON string (between the quotes), written
 unescaped: `"`, `\\` and U+0000-U+001F, which a JSON string can only hold escaped, are taken out of
-every literal and class, so a pattern that needs them cannot match those strings. A pattern that
-matches no string at all (with or without json_string) is a RegexError.
+every literal and class, so a pattern that needs them cannot match those strings; and `.` leaves
+out U+2028 and U+2029 as well, which ECMA-262's `.` does not match. A pattern that matches no
+string at all (with or without json_string) is a RegexError.
 
 Bounds, since a pattern comes from a client and the engine's step thread compiles it:
 MAX_PATTERN characters, MAX_NFA_STATES once counted repetition is expanded, MAX_DFA_STATES, and
-MAX_WORK for the subset construction (whose sets can be large while the DFA stays small, as in
-`(?:a?){1000}`). Past any of them compile_regex raises RegexError rather than work on: about
-50 ms of compiling at most. `.{0,250}` (2001 states) is about the longest bounded length that fits.
+MAX_WORK steps in all (class sets worked out, NFA states and edges made, NFA moves visited by the
+subset construction, whose sets can be large while the DFA stays small, as in `(?:a?){1000}`,
+and a row of the table per DFA state). Past any of them compile_regex raises RegexError rather
+than work on: 0.1 s of compiling at most. `.{0,250}` (2001 states; `.{0,200}` as a JSON string,
+whose `.` steps around U+2028 and U+2029) is about the longest bounded length that fits. A
+RegexBudget bounds the patterns of one request together (a JSON schema may hold thousands). The
+last CACHE_ENTRIES results (CACHE_CELLS table cells at most) are kept and handed out again: a
+Regex is immutable, and a hit draws no budget.
 
     pattern --parse--> tree of code point sets --_Nfa--> Thompson NFA over byte ranges
             --_Subsets--> DFA over byte classes --drop states that cannot accept--> Regex
@@ -26,18 +36,24 @@ MAX_WORK for the subset construction (whose sets can be large while the DFA stay
 
 from __future__ import annotations
 
+import itertools
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from kiln_ray.engine.regex_syntax import (
     Alternation, Chars, Concat, Node, Ranges, RegexError, Repeat, complement, parse, union,
 )
 
-__all__ = ["Regex", "RegexError", "compile_regex", "integer_range"]
+__all__ = ["Regex", "RegexBudget", "RegexError", "compile_regex", "integer_range"]
 
 MAX_PATTERN = 4096  # characters
 MAX_NFA_STATES = 10_000
 MAX_DFA_STATES = 2048
-MAX_WORK = 100_000  # NFA states the subset construction visits
+MAX_WORK = 300_000  # steps of one compile (a step: 0.1 to 0.3 us of work)
+MAX_INTEGER_DIGITS = 40  # of an integer_range bound: 128-bit integers fit
+CACHE_ENTRIES = 256
+CACHE_CELLS = 1 << 22  # table entries of the cached Regexes together: 32 MiB of tuple slots
 
 _SURROGATES: Ranges = ((0xD800, 0xDFFF),)  # never in valid UTF-8
 _JSON_ESCAPED: Ranges = ((0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C))
@@ -80,26 +96,112 @@ class Regex:
         return state >= 0 and self.ends[state]
 
 
-def compile_regex(pattern: str, *, json_string: bool = False) -> Regex:
-    """The DFA of `pattern` (see the module docstring); raises RegexError."""
+class RegexBudget:
+    """Work and DFA states shared by the compiles of one request: every compile_regex given this
+    budget draws on it as it works (a failing compile too), and the draw that overdraws it raises
+    RegexError, as does every later one. A cached result draws nothing. For one thread."""
+
+    def __init__(self, work: int = 2_000_000, states: int = 16_384):
+        self.limits = (work, states)
+        self.work = work  # left
+        self.states = states  # left
+
+    def draw(self, work: int = 0, states: int = 0) -> None:
+        self.work -= work
+        self.states -= states
+        if self.work < 0 or self.states < 0:
+            raise RegexError("the patterns of this request together are too large to compile (over "
+                             f"{self.limits[0]} steps or {self.limits[1]} automaton states)")
+
+
+def compile_regex(pattern: str, *, json_string: bool = False, budget: RegexBudget | None = None) -> Regex:
+    """The DFA of `pattern` (see the module docstring), from the cache if it was compiled lately;
+    draws on `budget` if it is not; raises RegexError."""
     if not isinstance(pattern, str):
         raise RegexError(f"a pattern must be a string, not {type(pattern).__name__}")
     if len(pattern) > MAX_PATTERN:
         raise RegexError(f"the pattern is longer than {MAX_PATTERN} characters")
-    nfa = _Nfa(union(_SURROGATES, _JSON_ESCAPED) if json_string else _SURROGATES)
-    entry, accept = nfa.build(parse(pattern))
-    subsets = _Subsets(nfa, accept)
+    regex = _RECENT.get((pattern, json_string))
+    if regex is None:
+        regex = _compile(pattern, json_string, _Meter(budget))
+        _RECENT.put((pattern, json_string), regex)
+    return regex
+
+
+def _compile(pattern: str, json_string: bool, meter: _Meter) -> Regex:
+    nfa = _Nfa(union(_SURROGATES, _JSON_ESCAPED) if json_string else _SURROGATES, meter)
+    entry, accept = nfa.build(parse(pattern, ecma=json_string, spend=lambda size: meter.spend(20 * size)))  # set passes
+    subsets = _Subsets(nfa, accept, meter)
     rows, accepts = subsets.run(entry)
     live = _coreachable(rows, accepts)
     if 0 not in live:
         unescaped = ' without ", \\ or control characters' if json_string else ""
         raise RegexError(f"the pattern matches no string{unescaped}")
     order = sorted(live)  # the start state, 0, stays 0
-    index = {old: new for new, old in enumerate(order)}
-    table = tuple(index.get(t, -1) for old in order for t in rows[old])
+    if len(order) == len(rows):
+        table = tuple(itertools.chain.from_iterable(rows))
+    else:
+        index = {old: new for new, old in enumerate(order)}
+        table = tuple(index.get(t, -1) for old in order for t in rows[old])
     ends = tuple(accepts[old] and all(t not in live for t in rows[old]) for old in order)
     return Regex(pattern, json_string, 0, subsets.classes, subsets.width, table,
                  tuple(accepts[old] for old in order), ends)
+
+
+class _Meter:
+    """One compile's steps and DFA states, held to MAX_WORK and MAX_DFA_STATES and drawn from the
+    request's budget, if any, as they are spent. Each caller weighs its work so that a step is
+    0.1 to 0.3 us of it, as measured on the patterns of tests/engine/test_regex_dfa.py's COSTLY."""
+
+    def __init__(self, budget: RegexBudget | None):
+        self.budget = budget
+        self.work = 0
+        self.states = 0
+
+    def spend(self, work: int) -> None:
+        self.work += work
+        if self.work > MAX_WORK:
+            raise RegexError(f"the pattern is too complex: its automaton takes over {MAX_WORK} steps to build")
+        if self.budget is not None:
+            self.budget.draw(work=work)
+
+    def new_state(self) -> None:
+        self.states += 1
+        if self.states > MAX_DFA_STATES:
+            raise RegexError(f"the pattern needs more than {MAX_DFA_STATES} automaton states")
+        if self.budget is not None:
+            self.budget.draw(states=1)
+
+
+class _Recent:
+    """The Regexes compiled last, by (pattern, json_string), least recent first: at most `entries`
+    of them with at most `cells` table entries together. Safe to share between threads."""
+
+    def __init__(self, entries: int, cells: int):
+        self.entries = entries
+        self.cells = cells
+        self.held: OrderedDict[tuple[str, bool], Regex] = OrderedDict()
+        self.held_cells = 0
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple[str, bool]) -> Regex | None:
+        with self.lock:
+            regex = self.held.get(key)
+            if regex is not None:
+                self.held.move_to_end(key)
+            return regex
+
+    def put(self, key: tuple[str, bool], regex: Regex) -> None:
+        with self.lock:
+            if key in self.held or len(regex.table) > self.cells:
+                return
+            self.held[key] = regex
+            self.held_cells += len(regex.table)
+            while len(self.held) > self.entries or self.held_cells > self.cells:
+                self.held_cells -= len(self.held.popitem(last=False)[1].table)
+
+
+_RECENT = _Recent(CACHE_ENTRIES, CACHE_CELLS)
 
 
 # -- UTF-8 ---------------------------------------------------------------------------------------
@@ -149,10 +251,12 @@ def _cut(lo: int, hi: int) -> int | None:
 class _Nfa:
     """Thompson NFA over byte ranges. `edges[s]`: (lo, hi, target) moves on one byte in lo..hi;
     `empty[s]`: targets reached without reading one. Code points outside the alphabet (surrogates,
-    and for a JSON string the escaped characters) are left out of every set as it is built."""
+    and for a JSON string the escaped characters) are left out of every set as it is built. Each
+    state, edge and encoded range is a step on `meter`."""
 
-    def __init__(self, removed: Ranges):
+    def __init__(self, removed: Ranges, meter: _Meter):
         self.removed = removed
+        self.meter = meter
         self.encodings: dict[Ranges, list[tuple[tuple[int, int], ...]]] = {}  # a repeated item's, once
         self.edges: list[list[tuple[int, int, int]]] = []
         self.empty: list[list[int]] = []
@@ -160,6 +264,7 @@ class _Nfa:
     def state(self) -> int:
         if len(self.edges) >= MAX_NFA_STATES:
             raise RegexError(f"the pattern expands to more than {MAX_NFA_STATES} automaton states")
+        self.meter.spend(16)  # and the building around it
         self.edges.append([])
         self.empty.append([])
         return len(self.edges) - 1
@@ -210,7 +315,9 @@ class _Nfa:
         alike sharing their states (so "one continuation byte to go" is one state, not dozens)."""
         entry, out = self.state(), self.state()
         if ranges not in self.encodings:
+            self.meter.spend(40 + 8 * len(ranges))
             self.encodings[ranges] = _utf8_sequences(_minus(ranges, self.removed))
+        self.meter.spend(2 * len(self.encodings[ranges]))  # edges
         tails: dict[tuple[tuple[int, int], ...], int] = {}
         for sequence in self.encodings[ranges]:
             target = out
@@ -227,11 +334,13 @@ class _Nfa:
 class _Subsets:
     """Subset construction over byte classes: `classes` maps a byte to its class, `run` the DFA.
     A DFA state keeps only the NFA states that read a byte or accept, so sets that differ in
-    pass-through states alone are one state. Work is counted against MAX_WORK."""
+    pass-through states alone are one state. Steps on `meter`: each move made and each visited,
+    each NFA state a closure passes, a row (`width` steps) per DFA state."""
 
-    def __init__(self, nfa: _Nfa, accept: int):
+    def __init__(self, nfa: _Nfa, accept: int, meter: _Meter):
         self.nfa = nfa
         self.accept = accept
+        self.meter = meter
         edges = [edge for state_edges in nfa.edges for edge in state_edges]
         cuts = sorted({lo for lo, _, _ in edges} | {hi + 1 for _, hi, _ in edges} | {0, 256})  # a class: cut to cut
         classes = bytearray(256)
@@ -239,28 +348,25 @@ class _Subsets:
             classes[lo:end] = bytes([number]) * (end - lo)
         self.classes = bytes(classes)
         self.width = len(cuts) - 1
-        # moves[s]: (class, target) for every class an edge of NFA state s reads
-        self.moves = [[(c, t) for lo, hi, t in state_edges for c in range(classes[lo], classes[hi] + 1)]
-                      for state_edges in nfa.edges]
+        self.moves: list[list[tuple[int, int]]] = []  # moves[s]: (class, target) for every class s reads
+        for state_edges in nfa.edges:
+            meter.spend(2 + 2 * sum(classes[hi] - classes[lo] + 2 for lo, hi, _ in state_edges))  # moves, edges
+            self.moves.append([(c, t) for lo, hi, t in state_edges for c in range(classes[lo], classes[hi] + 1)])
         self.closures: dict[frozenset[int], frozenset[int]] = {}
-        self.work = 0
-
-    def spend(self, visits: int) -> None:
-        self.work += visits
-        if self.work > MAX_WORK:
-            raise RegexError(f"the pattern is too complex: its automaton takes over {MAX_WORK} steps to build")
 
     def closure(self, states: frozenset[int]) -> frozenset[int]:
         """The DFA state of `states` and all they reach without reading a byte."""
         hit = self.closures.get(states)
         if hit is None:
-            seen, todo = set(states), list(states)
+            seen, todo, steps = set(states), list(states), len(states)
             while todo:
-                for target in self.nfa.empty[todo.pop()]:
+                targets = self.nfa.empty[todo.pop()]
+                steps += len(targets)
+                for target in targets:
                     if target not in seen:
                         seen.add(target)
                         todo.append(target)
-            self.spend(len(seen))
+            self.meter.spend(4 * steps)
             hit = frozenset(s for s in seen if self.moves[s] or s == self.accept)
             self.closures[states] = hit
         return hit
@@ -270,8 +376,9 @@ class _Subsets:
         sets = [self.closure(frozenset((entry,)))]
         ids = {sets[0]: 0}
         rows: list[list[int]] = []
+        self.meter.new_state()
         for current in sets:  # grows as new sets are found
-            self.spend(len(current))
+            self.meter.spend(16 + self.width + sum(len(self.moves[state]) for state in current))  # row, moves
             by_class: dict[int, set[int]] = {}
             for state in current:
                 for c, target in self.moves[state]:
@@ -280,8 +387,7 @@ class _Subsets:
             for c, targets in by_class.items():
                 reached = self.closure(frozenset(targets))
                 if reached not in ids:
-                    if len(sets) >= MAX_DFA_STATES:
-                        raise RegexError(f"the pattern needs more than {MAX_DFA_STATES} automaton states")
+                    self.meter.new_state()
                     ids[reached] = len(sets)
                     sets.append(reached)
                 row[c] = ids[reached]
@@ -293,7 +399,7 @@ def _coreachable(rows: list[list[int]], accepts: list[bool]) -> set[int]:
     """The states from which some path reaches an accepting state."""
     sources: list[list[int]] = [[] for _ in rows]
     for state, row in enumerate(rows):
-        for target in row:
+        for target in set(row):
             if target >= 0:
                 sources[target].append(state)
     live = {s for s, a in enumerate(accepts) if a}
@@ -313,10 +419,13 @@ def integer_range(minimum: int | None, maximum: int | None) -> str:
     """Pattern source for the JSON integer texts of minimum..maximum, inclusive (None: unbounded
     on that side): an optional "-", no leading zeros, no "-0", no "+". Digits are written [0-9],
     so the source means the same under any flags; it is an alternation, to be wrapped in (?:...)
-    before anything is put beside it. Raises RegexError if minimum > maximum."""
+    before anything is put beside it. Raises RegexError if minimum > maximum, or if a bound has
+    more than MAX_INTEGER_DIGITS digits (the DFA of a range much wider outgrows MAX_DFA_STATES)."""
     for bound in (minimum, maximum):
         if bound is not None and (not isinstance(bound, int) or isinstance(bound, bool)):
             raise RegexError(f"an integer bound must be an int, not {bound!r}")
+        if bound is not None and abs(bound) >= 10**MAX_INTEGER_DIGITS:
+            raise RegexError(f"integer bounds of more than {MAX_INTEGER_DIGITS} digits are not supported")
     if minimum is not None and maximum is not None and minimum > maximum:
         raise RegexError(f"minimum {minimum} is above maximum {maximum}")
     options = []

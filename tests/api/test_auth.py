@@ -41,6 +41,11 @@ def keyed(tiny_smol_dir, tmp_path_factory):
     ("POST", "/v1/chat/completions", Access.USER),
     ("POST", "/v1/completions/batch", Access.USER),
     ("GET", "/v1/no-such-route", Access.USER),
+    ("GET", "/no-such-route", Access.USER),  # closed unless listed open
+    ("GET", "//v1/train/status", Access.USER),
+    ("GET", "/ui/app.js", Access.OPEN),
+    ("GET", "/docs", Access.OPEN),
+    ("GET", "/openapi.json", Access.OPEN),
     ("GET", "/v1/adapters", Access.USER),
     ("GET", "/v1/adapters/", Access.USER),
     ("GET", "/v1/adapters/x/download", Access.ADMIN),
@@ -108,7 +113,8 @@ def test_keys_hold_under_a_route_prefix(keyed):
 @pytest.mark.parametrize("path,root,routed", [
     ("/kiln/v1/train/sft", "/kiln", "/v1/train/sft"), ("/kiln", "/kiln", "/"), ("/v1/models", "", "/v1/models"),
     ("/kilnx/v1/train/sft", "/kiln", "/kilnx/v1/train/sft"), ("/v1/models", "/kiln", "/v1/models"),
-    ("/kiln/v1/models", "/kiln/", "/v1/models"),
+    ("/kiln/v1/models", "/kiln/", "/kiln/v1/models"), ("//v1/train/status", "/", "/v1/train/status"),
+    ("/kiln//v1/models", "/kiln/", "/v1/models"),
 ])
 def test_route_path_strips_the_root_path_at_a_segment(path, root, routed):
     assert auth.route_path({"path": path, "root_path": root}) == routed

@@ -49,6 +49,8 @@ LIMITED = {  # value limits: patterns, lengths, integer bounds
     },
     "required": ["code", "name", "age", "small", "word", "either"],
 }
+ROOMS = {"type": "array", "items": {"anyOf": [{"type": "string", "maxLength": 3},
+                                             {"type": "string", "pattern": "^[a-c]+$", "maxLength": 6}]}}
 SCHEMAS = [WEATHER, TREE, MIXED, LIMITED, {"type": "object"}, {}, {"type": "array", "items": {"type": "number"}}]
 
 
@@ -105,6 +107,15 @@ def accepts(schema, text: str) -> bool:
     ({"type": "integer", "minimum": 0, "exclusiveMinimum": True}, "0", False),  # draft 4's flag
     ({"type": "integer", "minimum": 1.5, "maximum": 2.5}, "2", True),
     ({"type": "integer", "minimum": 1.5, "maximum": 2.5}, "1", False),
+    ({"type": "string", "minLength": 2}, '"\\ud83d\\ude00"', False),  # one character in two escapes
+    ({"type": "string", "minLength": 2}, '"\\ud7ff\\u0041"', True),
+    ({"minimum": 0, "anyOf": [{"type": "integer", "minimum": -10}]}, "-5", False),  # both bounds hold
+    ({"maxLength": 2, "anyOf": [{"type": "string", "maxLength": 5}]}, '"abcd"', False),
+    ({"type": "integer", "minimum": 5, "anyOf": [{"maximum": 7}, {"maximum": 3}]}, "6", True),  # one alternative left
+    ({"type": "integer", "minimum": 5, "anyOf": [{"maximum": 7}, {"maximum": 3}]}, "8", False),
+    ({"minimum": 5}, "5.5", True),
+    ({"type": "integer", "minimum": -1e300, "maximum": 10**50}, "-" + "9" * 40, True),  # drawn in to 40 digits
+    ({"type": "integer", "minimum": -1e300, "maximum": 10**50}, "1" + "0" * 40, False),  # stricter, never looser  # bounds of numbers are not enforced (an integer may still be any number)
     (LIMITED, '{"code": "AB-123", "name": "Zoë", "age": 140, "small": [9, -4], "word": "xcx", "either": 10}', True),
     (LIMITED, '{"code": "AB-12345", "name": "Zoë", "age": 1, "small": [], "word": "ab", "either": "x"}', False),
     (LIMITED, '{"code": "AB-12", "name": "Zoë", "age": 1, "small": [10], "word": "ab", "either": "x"}', False),
@@ -165,6 +176,11 @@ def test_random_walks_through_the_grammar_are_valid_json_for_the_schema(schema):
     ({"type": "string", "minLength": 3, "maxLength": 1}, "maxLength"),
     ({"type": "integer", "minimum": 5, "maximum": 4.5}, "no integer"),
     ({"type": "integer", "maximum": "9"}, "number"),
+    ({"type": "integer", "minimum": 10**309}, "digits"),
+    ({"type": "integer", "maximum": -1e300}, "digits"),
+    ({"type": "integer", "maximum": float("inf")}, "number"),
+    ({"pattern": "^a", "anyOf": [{"type": "string", "pattern": "b$"}]}, "both beside"),
+    ({"type": "integer", "minimum": 5, "anyOf": [{"maximum": 3}]}, "no alternative"),
 ])
 def test_schemas_it_cannot_enforce_are_refused(schema, error):
     with pytest.raises(SchemaError, match=error):
@@ -202,7 +218,8 @@ def test_token_bytes_are_what_the_tokenizer_decodes(smol_vocabulary):
     '{"code": "AB-12", "name": "ab', '{"code": "AB-12", "name": "ab", "age": ', '{"code": "AB-12", "name": "ab", "age": 14',
     '{"code": "AB-12", "name": "ab", "age": -', '{"code": "AB-12", "name": "ab", "age": 1, "small": [',
     '{"code": "AB-12", "name": "ab", "age": 1, "small": [], "word": "xa',
-    '{"code": "AB-12", "name": "ab", "age": 1, "small": [], "word": "ab", "either": ')])
+    '{"code": "AB-12", "name": "ab", "age": 1, "small": [], "word": "ab", "either": ')] + [(ROOMS, p) for p in (
+    '["', '["a', '["ab', '["abc', '["abcab', '["abcabc', '["x', '["a", "')])
 def test_masks_equal_a_brute_force_feed_of_every_token(smol_vocabulary, schema, prefix):
     _, vocabulary = smol_vocabulary
     grammar = compile_schema(schema)

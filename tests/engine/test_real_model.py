@@ -161,3 +161,17 @@ def test_a_preloaded_vocabulary_is_read_once_and_off_the_step_thread(model, toke
     out = run_to_completion(engine)
     assert len(readers) == 1 and readers[0].startswith("kiln-vocabulary"), readers
     assert {tokenizer.decode(out[r][0], skip_special_tokens=True) for r in ("a", "b")} <= {"yes", "no"}
+
+
+def test_token_bytes_that_cannot_be_read_are_reported_at_once_and_read_again_later(model, tmp_path, caplog):
+    import logging
+    import time
+
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=64, max_num_seqs=2), tokenizer_path=tmp_path / "no-tokenizer")
+    with caplog.at_level(logging.WARNING, logger="kiln_ray.engine"):
+        engine.preload_vocabulary()
+        deadline = time.monotonic() + 30
+        while engine._vocabulary_reader is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert engine._vocabulary_reader is None  # the next guided request reads again, not the stored failure
+    assert "could not be read" in caplog.text

@@ -1,15 +1,25 @@
 """Regex DFAs (kiln_ray/engine/regex_dfa.py, parsed by regex_syntax.py) against Python's re: every
-verdict is checked against re.fullmatch(pattern, text, re.ASCII), every state the DFA keeps alive
-must still lead to an accepted string, and every accepted byte string must be UTF-8 re matches."""
+verdict is checked against re.fullmatch(pattern, text) with and without re.ASCII (a text the DFA
+accepts must match under both), every state the DFA keeps alive must still lead to an accepted
+string, and every accepted byte string must be UTF-8 that re matches."""
 
+import bisect
 import pickle
 import random
 import re
+import time
 from collections import deque
 
 import pytest
 
-from kiln_ray.engine.regex_dfa import MAX_PATTERN, Regex, RegexError, compile_regex, integer_range
+from kiln_ray.engine import regex_syntax
+from kiln_ray.engine.regex_dfa import (
+    CACHE_ENTRIES, MAX_DFA_STATES, MAX_INTEGER_DIGITS, MAX_PATTERN, MAX_WORK, Regex, RegexBudget, RegexError, _Recent,
+    compile_regex, integer_range,
+)
+
+# what ECMA-262's \s matches: its WhiteSpace and LineTerminator
+ECMA_SPACE = "\t\n\v\f\r \xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000\ufeff"
 
 
 def matches(regex: Regex, text: str) -> bool:
@@ -17,7 +27,8 @@ def matches(regex: Regex, text: str) -> bool:
 
 
 def re_matches(pattern: str, text: str) -> bool:
-    return re.fullmatch(pattern, text, re.ASCII) is not None
+    """Under re.ASCII and under re's Unicode reading alike."""
+    return re.fullmatch(pattern, text, re.ASCII) is not None and re.fullmatch(pattern, text) is not None
 
 
 def completions(regex: Regex) -> dict[int, bytes | None]:
@@ -111,10 +122,67 @@ def test_table_agrees_with_re(pattern):
     assert {text: matches(regex, text) for text in verdicts} == verdicts
 
 
-def test_ascii_classes_leave_other_digits_and_letters_out():
-    assert not matches(compile_regex(r"\d"), "٣") and matches(compile_regex(r"\D"), "٣")
-    assert not matches(compile_regex(r"\w"), "é") and matches(compile_regex(r"\W"), "é")
-    assert not matches(compile_regex(r"\s"), "\u00a0") and matches(compile_regex(r"\S"), "\u00a0")
+@pytest.mark.parametrize("json_string", [False, True])
+def test_negated_classes_leave_out_unicode_digits_letters_and_spaces(json_string):
+    refused = {r"^\S$": ["\u00a0", "\u2003", "\u3000", "\ufeff", "\x85", "\u2028"], r"^[^\s]$": ["\u3000", "\u00a0", "\u1680"],
+               r"^\W$": ["é", "ж", "中", "٣", "²"], r"^\D$": ["٣", "۵", "१", "𝟘"], r"^[^\d\s]$": ["٣", "\u2003"]}
+    for pattern, texts in refused.items():
+        regex = compile_regex(pattern, json_string=json_string)
+        for text in texts:
+            assert not matches(regex, text), (pattern, text)
+        assert matches(regex, "!") and matches(regex, "😀"), pattern  # not a digit, letter or space in any reading
+    for pattern, text in [(r"\d", "٣"), (r"\w", "é"), (r"\s", "\u00a0"), (r"[\w]", "中")]:  # positive classes stay ASCII
+        assert not matches(compile_regex(pattern, json_string=json_string), text), (pattern, text)
+
+
+SAMPLE = [chr(c) for c in range(0x80, 0x800)] + [chr(c) for c in range(0x1000, 0x10000, 7) if not 0xD800 <= c <= 0xDFFF]
+SAMPLE += [chr(c) for c in range(0x10000, 0x110000, 997)] + list(ECMA_SPACE) + ["a", "Z", "_", "0", " ", "!", "\x1c", "\x85"]
+CLASSES = [r"\d", r"\D", r"\w", r"\W", r"\s", r"\S", r"[^\s]", r"[^\d\s]", r"[^\W\d]", r"[\w\W]", r"[\S\d]", r"[\W_]",
+           r"[^\S\n]", r"[^\w.-]", r"[\D\s]"]
+
+
+def ecma_matches(pattern: str, char: str) -> bool:
+    """A one-character text under ECMA-262, where \\d and \\w are ASCII and \\s is ECMA_SPACE: a
+    non-ASCII ECMA space stands in as " " (no class here holds " " but by \\s), the rest as under re.ASCII."""
+    return re.fullmatch(pattern, " " if not char.isascii() and char in ECMA_SPACE else char, re.ASCII) is not None
+
+
+@pytest.mark.parametrize("pattern", CLASSES)
+def test_classes_hold_only_what_every_reading_agrees_on(pattern):
+    """Accepted: matched with and without re.ASCII, and under ECMA-262. Where no class is coarsened
+    (below U+0800, in most punctuation and symbols) the converse holds too."""
+    regex = compile_regex(pattern)
+    for char in SAMPLE:
+        agreed = re_matches(pattern, char) and ecma_matches(pattern, char)
+        if matches(regex, char):
+            assert agreed, (pattern, char)
+        elif any(lo <= ord(char) <= hi for lo, hi in regex_syntax._EXACT):
+            assert not agreed, (pattern, char)
+
+
+def test_w_is_coarsened_only_where_scripts_mix_letters_and_punctuation():
+    regex = compile_regex(r"\W")
+    for char in "«—€→─✓、。！😀\u2003":  # common punctuation and symbols stay
+        assert matches(regex, char), char
+    assert not re.fullmatch(r"\w", "।") and not matches(regex, "।")  # the danda shares a block with Devanagari letters
+    assert len(compile_regex(r"\W{3}").accepts) < 250  # exact, about 930
+
+
+def test_unicode_sets_match_str_predicates_and_build_fast():
+    regex_syntax._unicode_classes.cache_clear()
+    started = time.perf_counter()
+    sets = regex_syntax._unicode_classes()
+    assert time.perf_counter() - started < 1.0  # about 0.1 s
+    starts = {kind: [lo for lo, _ in ranges] for kind, ranges in sets.items()}
+
+    def held(kind: str, code: int) -> bool:
+        at = bisect.bisect_right(starts[kind], code) - 1
+        return at >= 0 and code <= sets[kind][at][1]
+
+    rng = random.Random(13)
+    for code in [*range(0x3000), *(rng.randrange(0x110000) for _ in range(20_000))]:
+        char = chr(code)
+        assert [held(kind, code) for kind in "dws"] == [char.isdecimal(), char.isalnum() or char == "_", char.isspace()], hex(code)
 
 
 def test_finished_means_nothing_may_follow():
@@ -137,7 +205,7 @@ EDGE_UTF8 = [b"\x7f", b"\xc2\x80", b"\xdf\xbf", b"\xe0\xa0\x80", b"\xed\x9f\xbf"
              b"\xf0\x90\x80\x80", b"\xf4\x8f\xbf\xbf"]
 
 
-@pytest.mark.parametrize("pattern", [".*", r"[^a]*", r"[\s\S]*", r"\W*"])
+@pytest.mark.parametrize("pattern", [".*", r"[^a]*", r"[\s\S]*", r"\D*", r"[^\s]*"])
 def test_only_valid_utf8_is_kept_alive(pattern):
     regex = compile_regex(pattern)
     for data in INVALID_UTF8:
@@ -181,21 +249,29 @@ def test_class_ranges_split_correctly_at_utf8_boundaries():
 
 # -- random patterns ---------------------------------------------------------------------------
 
-ALPHABET = ["a", "b", "é", "😀"]  # characters of 1, 2 and 4 bytes
-ATOMS = ["a", "b", "é", "😀", ".", "[ab]", "[^a]", "[a-é]", "[^é😀]", r"\w", r"\W", "[b-😀]", r"\S", "(?:)"]
+ALPHABET = ["a", "b", "é", "😀", "٣", "\u2003"]  # 1, 2 and 4 bytes; an Arabic-Indic digit, a 3-byte space
+# An atom and what the DFA holds it to, in re's Unicode reading: ASCII where the readings differ.
+ATOMS = {"a": "a", "b": "b", "é": "é", "😀": "😀", ".": ".", "[ab]": "[ab]", "[^a]": "[^a]", "[a-é]": "[a-é]",
+         "[^é😀]": "[^é😀]", "[b-😀]": "[b-😀]", "(?:)": "(?:)", r"\w": "[0-9A-Za-z_]", r"\W": r"\W", r"\S": r"[^\s\ufeff]",
+         r"\d": "[0-9]", r"\D": r"\D", r"[^\W\d]": "[A-Za-z_]", r"[\s\S]": r"[\s\S]"}
 QUANTIFIERS = ["*", "+", "?", "{2}", "{1,3}", "{0,2}", "{2,}", "{,2}", "*?", "+?", "??", "{1,2}?"]
 
 
-def random_pattern(rng: random.Random, depth: int = 0) -> str:
+def random_pattern(rng: random.Random, depth: int = 0) -> tuple[str, str]:
+    """(pattern, the same with each atom as ATOMS holds it), to be read without re.ASCII."""
     roll = rng.random()
     if depth >= 3 or roll < 0.3:
-        return rng.choice(ATOMS)
+        atom = rng.choice(list(ATOMS))
+        return atom, ATOMS[atom]
     if roll < 0.55:
-        return "".join(random_pattern(rng, depth + 1) for _ in range(rng.randrange(2, 4)))
+        parts = [random_pattern(rng, depth + 1) for _ in range(rng.randrange(2, 4))]
+        return "".join(p for p, _ in parts), "".join(o for _, o in parts)
     if roll < 0.75:
-        options = "|".join(random_pattern(rng, depth + 1) for _ in range(rng.randrange(2, 4)))
-        return rng.choice(["(?:", "("]) + options + ")"
-    return "(?:" + random_pattern(rng, depth + 1) + ")" + rng.choice(QUANTIFIERS)
+        parts = [random_pattern(rng, depth + 1) for _ in range(rng.randrange(2, 4))]
+        group = rng.choice(["(?:", "("])
+        return group + "|".join(p for p, _ in parts) + ")", group + "|".join(o for _, o in parts) + ")"
+    (pattern, oracle), quantifier = random_pattern(rng, depth + 1), rng.choice(QUANTIFIERS)
+    return f"(?:{pattern}){quantifier}", f"(?:{oracle}){quantifier}"
 
 
 def short_texts(rng: random.Random) -> list[str]:
@@ -210,10 +286,10 @@ def test_random_patterns_agree_with_re_and_stay_live(seed):
     rng = random.Random(seed)
     texts = short_texts(rng)
     for _ in range(25):
-        pattern = random_pattern(rng)
+        pattern, oracle = random_pattern(rng)
         regex = compile_regex(pattern)
         for text in texts:
-            assert matches(regex, text) == re_matches(pattern, text), (pattern, text)
+            assert matches(regex, text) == (re.fullmatch(oracle, text) is not None), (pattern, text)
         check_walks(regex, rng)
 
 
@@ -234,6 +310,13 @@ def test_json_string_counts_characters_not_bytes():
     assert matches(regex, "ab") and matches(regex, "é😀€")
     for text in ['a"', "a\\", "a\n", "abcd"]:
         assert not matches(regex, text), text
+
+
+def test_json_string_dot_leaves_out_ecma_line_terminators():
+    regex = compile_regex(".+", json_string=True)  # ECMA-262's . matches none of \n \r U+2028 U+2029
+    assert not matches(regex, "a\u2028") and not matches(regex, "\u2029") and matches(regex, "a\u2027\u202a")
+    assert matches(compile_regex(".+"), "a\u2028\u2029\r")  # Python's . does, outside a JSON string
+    assert matches(compile_regex("[^a]+", json_string=True), "\u2028")  # a negated class does in both
 
 
 def test_json_string_drops_alternatives_that_need_escaped_characters():
@@ -277,8 +360,9 @@ def test_malformed_patterns_are_refused_like_re_refuses_them(pattern):
 
 OVERSIZED = [
     (r"(?:a{1000}){1000}", "more than"), (r"a{1000}{1000}", "multiple repeat"), (r"(?:(?:a{100}){100}){100}", "more than"),
-    (r"x{99999999999999999999}", "repetition count"), (r".{0,5000}", "more than"), (r"(?:a|b)*a(?:a|b){12}", "more than"),
-    (r"(?:a?){2000}", "too complex"), ("a" * (MAX_PATTERN + 1), "longer than"), ("(" * 100 + ")" * 100, "nest deeper"),
+    (r"x{99999999999999999999}", "repetition count"), (r".{0,5000}", "more than"), (r"(?:a|b)*a(?:a|b){12}", "too complex"),
+    (r"a{0,2100}", f"more than {MAX_DFA_STATES} automaton states"), (r"(?:a?){2000}", "too complex"),
+    ("a" * (MAX_PATTERN + 1), "longer than"), ("(" * 100 + ")" * 100, "nest deeper"),
 ]
 
 
@@ -287,6 +371,85 @@ def test_oversized_patterns_raise(pattern, why):
     with pytest.raises(RegexError, match=why):
         compile_regex(pattern)
 
+
+# -- compile cost ------------------------------------------------------------------------------
+
+BYTE_CLASSES = "[" + "".join(chr(c) for c in range(0x21, 0x7F, 2) if chr(c) not in "\\]^-[")
+BYTE_CLASSES += "".join(chr(c) for c in range(0xA1, 0x800, 7)) + "".join(chr(c) for c in range(0x801, 0x3000, 97)) + "]"
+CJK = [chr(0x4E00 + 37 * i) for i in range(800)]
+COSTLY = [  # (pattern, json_string): each either compiles or is refused, within MAX_WORK
+    (r"(?:[\s\S]{0,30}x){8}", False), (r".*(?:\S+@\S+\.[a-z]{2,}).*", True), (r"^[^<>]{0,500}$", True),
+    (r".*(?:\w+\W+\w+\W+\w+).*", True), (r"\D{0,40}", True), (r"\W{0,30}", True), (r"\S{0,110}", True),
+    ("|".join(CJK), True), (".*(?:" + "|".join(CJK) + ").*", True), ("|".join(a + b for a, b in zip(CJK, reversed(CJK))), True),
+    (BYTE_CLASSES + r"(?:[\s\S][^x]?){0,300}", False),  # ~100 byte classes, each NFA state moves on all of them
+    (BYTE_CLASSES + r"[\s\S]{0,1000}", False),
+    ("".join(f"[\\W{chr(0x100 + i)}]" for i in range(600)), False),  # 600 classes of ~100 ranges each to work out
+    ("|".join(f"x{i}" * 3 for i in range(300)), True), ("(?:" + "|".join(CJK) + "){3}", True),
+]
+
+
+@pytest.mark.parametrize("pattern, json_string", COSTLY, ids=lambda x: repr(x)[:24] if isinstance(x, str) else str(x))
+def test_costly_patterns_compile_or_are_refused_quickly(pattern, json_string):
+    regex_syntax._unicode_classes()  # built once a process, not part of a compile
+    started = time.process_time()
+    try:
+        compile_regex(pattern, json_string=json_string)
+    except RegexError as error:
+        assert "more than" in str(error) or "too complex" in str(error)
+    assert time.process_time() - started < 0.5  # 0.1 s at most alone; a full collection of a process holding torch adds ~0.07 s
+
+
+def test_work_counts_the_moves_of_every_state_visited():
+    """Few NFA and DFA states, but each NFA state moves on ~100 byte classes: the moves are the work."""
+    with pytest.raises(RegexError, match="too complex"):
+        compile_regex(BYTE_CLASSES + r"(?:[\s\S][^x]?){0,300}")
+    assert compile_regex(r".{0,250}") and compile_regex(r"[^<>]{0,200}", json_string=True)  # long bounded runs still fit
+    assert compile_regex(r"\S{0,100}", json_string=True) and compile_regex(integer_range(-(10**39), 10**40 - 1))
+
+
+def test_a_shared_budget_bounds_the_patterns_of_a_request_together():
+    budget = RegexBudget(work=100_000, states=100_000)
+    compiled, left = [], [budget.work]
+    with pytest.raises(RegexError, match="the patterns of this request together are too large"):
+        for n in range(1, 100):
+            compiled.append(compile_regex(f"budget-{n}-[a-z]{{0,{n * 10}}}", budget=budget))
+            left.append(budget.work)
+    assert 3 <= len(compiled) < 99 and all(a > b for a, b in zip(left, left[1:]))  # each draws its share
+    assert compile_regex(compiled[0].pattern, budget=budget) is compiled[0]  # a cached result draws nothing
+    with pytest.raises(RegexError, match="together"):  # an overdrawn budget refuses any new compile
+        compile_regex("budget-small", budget=budget)
+    assert compile_regex(f"budget-{len(compiled) + 1}-[a-z]{{0,{(len(compiled) + 1) * 10}}}")  # alone it fits
+    with pytest.raises(RegexError, match="together"):
+        compile_regex("budget-states-[a-z]{0,200}", budget=RegexBudget(work=10**9, states=100))
+
+
+def test_a_failing_compile_draws_on_the_budget_too():
+    budget, full = RegexBudget(), RegexBudget().work
+    with pytest.raises(RegexError, match="too complex"):
+        compile_regex(r"(?:a?){2000}", budget=budget)
+    assert full - budget.work > MAX_WORK // 2
+
+
+def test_results_are_cached_by_pattern_and_json_string():
+    first = compile_regex("cached-[a-z]+")
+    assert compile_regex("cached-[a-z]+") is first
+    assert compile_regex("cached-[a-z]+", json_string=True) is not first
+    for n in range(CACHE_ENTRIES):
+        compile_regex(f"cached-{n}")
+    assert compile_regex("cached-[a-z]+") is not first  # evicted, least recently used
+    assert compile_regex("cached-[a-z]+") == first  # and built again alike
+
+
+def test_the_cache_holds_a_bounded_number_of_table_cells():
+    small, large = compile_regex("cells-a"), compile_regex("cells-[a-z]{0,20}")
+    recent = _Recent(entries=10, cells=len(large.table) + len(small.table))
+    recent.put(("a", False), large)
+    recent.put(("b", False), small)
+    assert recent.get(("a", False)) is large and recent.get(("b", False)) is small
+    recent.put(("c", False), small)  # over the cells: the least recently used goes
+    assert recent.get(("a", False)) is None and recent.get(("c", False)) is small
+    recent.put(("d", False), compile_regex("cells-[a-z]{0,200}"))  # bigger than all the cells: not kept
+    assert recent.get(("d", False)) is None and recent.get(("b", False)) is small
 
 # -- integer ranges ----------------------------------------------------------------------------
 
@@ -342,6 +505,17 @@ def test_integer_range_refuses_empty_and_non_integer_bounds():
 
 def test_integer_range_source_fits_in_a_pattern():
     assert len(integer_range(-(10**18) + 12345, 10**18 - 6789)) < MAX_PATTERN
+
+
+def test_integer_range_takes_bounds_up_to_max_digits_and_refuses_longer():
+    top = 10**MAX_INTEGER_DIGITS - 1
+    rng = random.Random(17)
+    ends = [top, top - 1, -top, 10 ** (MAX_INTEGER_DIGITS - 1), rng.randrange(top), -rng.randrange(top)]
+    check_integers(-top, top, ends + [top + 1, -top - 1, 0, 10**MAX_INTEGER_DIGITS])
+    check_integers(rng.randrange(top // 2), None, ends + [top + 1, 10**50])
+    for lo, hi in [(0, top + 1), (-top - 1, 0), (None, 10**1300), (-(10**5000), None)]:  # 10**1300 once recursed too deep
+        with pytest.raises(RegexError, match=f"more than {MAX_INTEGER_DIGITS} digits"):
+            integer_range(lo, hi)
 
 
 # -- transport ---------------------------------------------------------------------------------
