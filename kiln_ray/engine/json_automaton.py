@@ -1,6 +1,6 @@
 """The automaton under kiln_ray/engine/json_grammar.py: the nodes a schema compiles to, and how
 a stack of frames (one parse alternative) steps over one byte. Plain data and functions, no
-torch; `step` adds every stack the byte can lead to, `finishes` and `regex_ends` say whether a
+torch; `step` adds every stack the byte can lead to, `finishes` and `at_an_end` say whether a
 stack has read a whole document."""
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ State = frozenset  # of Stack
 MAX_WHITESPACE = 32
 MAX_DEPTH = 64  # nesting of objects and arrays in one document
 UNBOUNDED = 1 << 30  # room of a string without maxLength
+MAX_NUMBER_DIGITS = 16  # of a number's integer part, and of its fraction (more than a double holds)
+MAX_EXPONENT_DIGITS = 3
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
 _WS = frozenset(b" \t\n")
@@ -58,7 +60,7 @@ class Node:
 #   ("L", text, pos)                   the literal `text`, `pos` bytes of it read
 #   ("S", mode)                        inside a string: 0 plain, 1 after a backslash, 2-5 \u digits left + 1
 #   ("S", 6, left, lo, hi)             inside a string, within a UTF-8 sequence (only valid UTF-8 is written)
-#   ("N", integer, phase)              a number (phases below)
+#   ("N", integer, phase, digits)      a number (phases below); `digits` of its current part so far
 #   ("O", node, next, phase, ws)       an object; `next`: index of the next candidate property
 #   ("A", node, count, phase, ws)      an array of `count` items so far
 # Number phases: 0 start, 1 after "-", 2 after a leading 0, 3 integer digits, 4 after ".",
@@ -132,7 +134,7 @@ def _start_value(nodes: list[Node], index: int, rest: Stack, byte: int, out: set
     elif node.regex is not None and ("number" in types or "integer" in types):
         _step_regex(nodes, ("X", index, node.regex.start), rest, byte, out)
     elif "number" in types or "integer" in types:
-        _step_number(nodes, ("N", "number" not in types, 0), rest, byte, out)
+        _step_number(nodes, ("N", "number" not in types, 0, 0), rest, byte, out)
 
 
 def _step_string(frame: Frame, rest: Stack, byte: int, out: set[Stack]) -> None:
@@ -157,9 +159,15 @@ def _step_string(frame: Frame, rest: Stack, byte: int, out: set[Stack]) -> None:
         out.add(rest + (("S", 0 if mode == 2 else mode - 1),))
 
 
-def regex_ends(nodes: list[Node], stack: Stack) -> bool:
-    """The stack is only regex text (guided_regex) that has matched and cannot go on."""
-    return len(stack) == 1 and stack[0][0] == "X" and nodes[stack[0][1]].regex.finished(stack[0][2])
+def at_an_end(nodes: list[Node], stack: Stack) -> bool:
+    """The stack is only a value at the top level that is complete and cannot go on: regex
+    text (guided_regex, a bounded integer) the regex ends, or a number's exponent at its cap."""
+    if len(stack) != 1:
+        return False
+    frame = stack[0]
+    if frame[0] == "X":
+        return nodes[frame[1]].regex.finished(frame[2])
+    return frame[0] == "N" and frame[2] == 8 and frame[3] == MAX_EXPONENT_DIGITS
 
 
 def _step_bounded_string(nodes: list[Node], frame: Frame, rest: Stack, byte: int, out: set[Stack]) -> None:
@@ -234,7 +242,11 @@ def _step_number(nodes: list[Node], frame: Frame, rest: Stack, byte: int, out: s
     elif phase in (7, 8) and digit:
         nxt = 8
     if nxt is not None:
-        out.add(rest + (("N", integer, nxt),))
+        # Digits of a part: counted while the part goes on, and capped (a model that repeats a
+        # digit would otherwise write one number until max_tokens).
+        digits = frame[3] + 1 if nxt == phase and digit else int(digit)
+        if digits <= (MAX_EXPONENT_DIGITS if nxt == 8 else MAX_NUMBER_DIGITS):
+            out.add(rest + (("N", integer, nxt, digits),))
     if phase in _NUMBER_DONE and rest:
         # The number may end here: the byte belongs to what holds it.
         step(nodes, rest, byte, out)

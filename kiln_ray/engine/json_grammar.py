@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiln_ray.engine.json_automaton import (  # noqa: F401 - MAX_* re-exported
-    MAX_DEPTH, MAX_WHITESPACE, TYPES, UNBOUNDED, Node, Stack, State, finishes, regex_ends, step,
+    MAX_DEPTH, MAX_WHITESPACE, TYPES, UNBOUNDED, Node, Stack, State, finishes, at_an_end, step,
 )
 from kiln_ray.engine.regex_dfa import Regex, RegexBudget
 from kiln_ray.engine.schema_limits import (  # noqa: F401 - the errors re-exported
@@ -102,7 +102,7 @@ class Grammar:
 
     def finished(self, state: State) -> bool:
         """Every alternative has read a whole document: no byte can follow."""
-        return bool(state) and all(not stack or regex_ends(self.nodes, stack) for stack in state)
+        return bool(state) and all(not stack or at_an_end(self.nodes, stack) for stack in state)
 
     def plain_text_runs(self, state: State) -> set[tuple[Regex | None, int, int]] | None:
         """Where every alternative is between two characters of a string (not an enum), text

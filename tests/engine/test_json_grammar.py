@@ -114,6 +114,10 @@ def accepts(schema, text: str) -> bool:
     ({"type": "integer", "minimum": 5, "anyOf": [{"maximum": 7}, {"maximum": 3}]}, "6", True),  # one alternative left
     ({"type": "integer", "minimum": 5, "anyOf": [{"maximum": 7}, {"maximum": 3}]}, "8", False),
     ({"minimum": 5}, "5.5", True),
+    ({"type": "number"}, "-" + "9" * 16 + "." + "9" * 16 + "e+999", True),
+    ({"type": "number"}, "1" * 17, False),  # digits are capped: a model repeating one digit must stop
+    ({"type": "number"}, "0." + "1" * 17, False),
+    ({"type": "number"}, "1e1000", False),
     ({"type": "integer", "minimum": -1e300, "maximum": 10**50}, "-" + "9" * 40, True),  # drawn in to 40 digits
     ({"type": "integer", "minimum": -1e300, "maximum": 10**50}, "1" + "0" * 40, False),  # stricter, never looser  # bounds of numbers are not enforced (an integer may still be any number)
     (LIMITED, '{"code": "AB-123", "name": "Zoë", "age": 140, "small": [9, -4], "word": "xcx", "either": 10}', True),
