@@ -7,6 +7,7 @@ and streams those engine requests.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -66,6 +67,16 @@ def _response_id(prefix: str, request: Request) -> str:
     x-request-id), remembered for the request's error log line."""
     request.state.response_id = f"{prefix}-{uuid.uuid4().hex}"
     return request.state.response_id
+
+
+async def _compiled_off_the_loop(build, *args):
+    """A guide's grammar, compiled on a worker thread: a schema with patterns can take a few
+    hundred milliseconds, which would hold up every other request of this ingress."""
+    return await asyncio.to_thread(build, *args)
+
+
+async def _output_guide(body: SamplingFields):
+    return await _compiled_off_the_loop(response_guide, body) if body.wants_structure else None
 
 
 def create_app(ctx: ServerContext) -> FastAPI:
@@ -160,7 +171,7 @@ class _Routes:
         prompt = self._render(messages, tools, body.chat_template_kwargs)
         prompt += self.tok.encode(forced, add_special_tokens=False) if forced else []
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        guide = tool_guide(offered, forced) if use_tools else response_guide(body)
+        guide = await _compiled_off_the_loop(tool_guide, offered, forced) if use_tools else await _output_guide(body)
         params = self._params(body, prompt, body.token_limit, logprobs, guide=guide)
         rid = _response_id("chatcmpl", request)
         choices = [ChoiceText(self.tok, i, body.stop, use_tools, body.skip_special_tokens, forced, body.single_tool_call)
@@ -185,7 +196,7 @@ class _Routes:
         model = body.model or self.ctx.model_name
         rid = _response_id("cmpl", request)
         runs = []
-        guide = response_guide(body)
+        guide = await _output_guide(body)
         for p_idx, prompt in enumerate(prompts):
             params = self._params(body, prompt, body.max_tokens, body.logprobs, guide=guide)
             choices = [
@@ -219,7 +230,7 @@ class _Routes:
         seed + p * n + i when a seed is given."""
         choice = self._choice(body)
         rid = _response_id("batch", request)
-        guide = response_guide(body)
+        guide = await _output_guide(body)
         runs = []
         for p_idx, messages in enumerate(body.prompts):
             prompt = self._render([m.model_dump(exclude_none=True) for m in messages], None, body.chat_template_kwargs)
