@@ -25,7 +25,7 @@ from kiln_ray.api.engine_client import EngineClient
 from kiln_ray.api.errors import APIError, error_response, install_error_handlers
 from kiln_ray.api.generation import ChoiceText
 from kiln_ray.api.schemas import BatchCompletionRequest, ChatCompletionRequest, CompletionRequest, SamplingFields
-from kiln_ray.api.streaming import EngineStreams, sse_response
+from kiln_ray.api.streaming import EngineStreams, Timing, sse_response
 from kiln_ray.api.training_routes import call, install_training_routes
 from kiln_ray.api.ui import install_ui
 from kiln_ray.adapters.store import InvalidAdapterName, parse_ref
@@ -213,7 +213,7 @@ class _Routes:
                 rid, request.state.request_id, created, model, runs, started, prefix, body.echo, body.logprobs is not None,
                 include_usage, num_prompt, timings))
         await self.streams.consume_all(started, timings)
-        self.streams.record(rid, request.state.request_id, "completion", num_prompt, all_choices, timings[0])
+        self.streams.record(rid, request.state.request_id, "completion", num_prompt, all_choices, Timing.earliest(timings))
         out = []
         for p_idx, (_, _, choices) in enumerate(runs):
             for c in choices:
@@ -255,7 +255,7 @@ class _Routes:
                 })
         totals["total_tokens"] = totals["prompt_tokens"] + totals["completion_tokens"]
         self.streams.record(rid, request.state.request_id, "batch", totals["prompt_tokens"],
-                            [c for _, _, cs in runs for c in cs], timings[0])
+                            [c for _, _, cs in runs for c in cs], Timing.earliest(timings))
         return {"id": rid, "object": "batch.completion", "model": body.model or self.ctx.model_name,
                 "completions": completions, "usage": totals}
 

@@ -42,6 +42,14 @@ class Timing:
     start: float = field(default_factory=time.perf_counter)
     first: float | None = None
     last: dict[int, float] = field(default_factory=dict)  # choice index -> time of its last tokens
+    failed: bool = False  # a stream that ended in an error event
+
+    @staticmethod
+    def earliest(timings: list[Timing]) -> Timing:
+        """One request's timing from those of its prompts: first start, first token, any failure."""
+        firsts = [t.first for t in timings if t.first is not None]
+        return Timing(timings[0].deadline, min(t.start for t in timings), min(firsts) if firsts else None,
+                      failed=any(t.failed for t in timings))
 
 
 def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
@@ -129,18 +137,23 @@ class EngineStreams:
             raise
 
     def record(self, rid: str, request_id: str, kind: str, num_prompt: int, choices: list[ChoiceText],
-               timing: Timing) -> None:
-        """Count a finished request and log its line: the completion id and the client's
-        x-request-id (or the one made for it) side by side, so either finds the other."""
+               timing: Timing, outcome: str | None = None) -> None:
+        """Count a request that ended and log its line: the completion id and the client's
+        x-request-id (or the one made for it) side by side, so either finds the other.
+        `outcome`: "disconnected" for a client that left mid-stream; a stream that failed says
+        "error". Those count their tokens but stay out of the latency histogram."""
         m = self.metrics
+        outcome = outcome or ("error" if timing.failed else None)
         completion = sum(c.num_tokens for c in choices)
         elapsed = time.perf_counter() - timing.start
         m.inc("kiln_prompt_tokens_total", num_prompt)
         m.inc("kiln_generation_tokens_total", completion)
-        m.observe("kiln_e2e_request_latency_seconds", elapsed)
+        if outcome is None:
+            m.observe("kiln_e2e_request_latency_seconds", elapsed)
         ttft = f"{(timing.first - timing.start) * 1e3:.0f}ms" if timing.first else "-"
+        finish = outcome or ",".join(str(c.finish_reason) for c in choices)
         log.info("%s %s x-request-id=%s prompt=%d completion=%d ttft=%s total=%.0fms finish=%s", rid, kind, request_id,
-                 num_prompt, completion, ttft, elapsed * 1e3, ",".join(str(c.finish_reason) for c in choices))
+                 num_prompt, completion, ttft, elapsed * 1e3, finish)
 
     async def _deltas(
         self, gen: GenerateRequest, choice: AdapterChoice, choices: list[ChoiceText], timing: Timing
@@ -189,12 +202,18 @@ class EngineStreams:
                     entries.append(entry)
             return fmt.chat_chunk(rid, created, model, entries) if entries else None
 
-        async for event in self._stream_body(first, rest, chunk_for, timing):
-            yield event
-        if include_usage:
-            yield fmt.chat_chunk(rid, created, model, [], fmt.usage(choices, num_prompt))
-        self.record(rid, request_id, "chat", num_prompt, choices, timing)
-        yield fmt.SSE_DONE
+        recorded = False
+        try:
+            async for event in self._stream_body(first, rest, chunk_for, timing):
+                yield event
+            if include_usage:
+                yield fmt.chat_chunk(rid, created, model, [], fmt.usage(choices, num_prompt))
+            recorded = True
+            self.record(rid, request_id, "chat", num_prompt, choices, timing)
+            yield fmt.SSE_DONE
+        finally:
+            if not recorded:  # the client left
+                self.record(rid, request_id, "chat", num_prompt, choices, timing, "disconnected")
 
     async def completion_events(self, rid: str, request_id: str, created: int, model: str, runs: list[Run],
                                 started: list[Started], prefix: list[str], echo: bool, want_logprobs: bool,
@@ -219,14 +238,21 @@ class EngineStreams:
             return fmt.completion_chunk(rid, created, model, entries) if entries else None
 
         bodies = [self._stream_body(first, rest, chunk_for, t) for (first, rest), t in zip(started, timings)]
-        async with aclosing(_interleaved(bodies)) as events:
-            async for event in events:
-                yield event
         all_choices = [c for _, _, cs in runs for c in cs]
-        if include_usage:
-            yield fmt.completion_chunk(rid, created, model, [], fmt.usage(all_choices, num_prompt))
-        self.record(rid, request_id, "completion", num_prompt, all_choices, timings[0])
-        yield fmt.SSE_DONE
+        recorded = False
+        try:
+            async with aclosing(_interleaved(bodies)) as events:
+                async for event in events:
+                    yield event
+            if include_usage:
+                yield fmt.completion_chunk(rid, created, model, [], fmt.usage(all_choices, num_prompt))
+            recorded = True
+            self.record(rid, request_id, "completion", num_prompt, all_choices, Timing.earliest(timings))
+            yield fmt.SSE_DONE
+        finally:
+            if not recorded:  # the client left
+                self.record(rid, request_id, "completion", num_prompt, all_choices, Timing.earliest(timings),
+                            "disconnected")
 
     async def _stream_body(self, first: list[Delta] | None, rest: AsyncIterator[list[Delta]], chunk_for: ChunkFor,
                            timing: Timing) -> AsyncIterator[str]:
@@ -263,6 +289,7 @@ class EngineStreams:
             if event:
                 yield event
         if error_event is not None:
+            timing.failed = True
             yield error_event
 
 

@@ -323,11 +323,11 @@ def test_metrics_count_what_happened(http, sdk, engine):
     assert metric(after, "kiln_kv_blocks_total") == engine.stats().kv_blocks_total > 0
 
 
-def test_a_client_that_leaves_a_stream_aborts_its_request(engine, sdk):
+def test_a_client_that_leaves_a_stream_aborts_its_request(engine, sdk, caplog):
     max_tokens = 400
     steps = wait_idle(engine).steps
-    with sdk.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=max_tokens, stream=True,
-                                     extra_body={"ignore_eos": True}) as stream:
+    with caplog.at_level(logging.INFO, logger="kiln_ray.api"), sdk.chat.completions.create(
+            model=MODEL_NAME, messages=CHAT, max_tokens=max_tokens, stream=True, extra_body={"ignore_eos": True}) as stream:
         next(iter(stream))
         assert engine.stats().kv_blocks_used > 0
     # Closing the response mid-stream: the engine drops the request at its next step, long
@@ -335,6 +335,7 @@ def test_a_client_that_leaves_a_stream_aborts_its_request(engine, sdk):
     stats = wait_idle(engine, timeout=5)
     assert not engine.engine.requests
     assert stats.steps - steps < max_tokens // 2
+    assert any("finish=disconnected" in m for m in caplog.messages)  # the request still gets its log line
 
 
 def test_every_request_frees_its_blocks_and_slots(engine, sdk):

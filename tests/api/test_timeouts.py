@@ -58,10 +58,10 @@ def test_no_first_token_within_the_timeout_is_a_504(server, stream):
     assert not wait_idle(engine).running and not engine.engine.requests  # added, then aborted
 
 
-def test_a_stream_that_outlives_the_timeout_ends_with_a_504_event(server):
+def test_a_stream_that_outlives_the_timeout_ends_with_a_504_event(server, caplog):
     http, engine = server
     body = {"messages": CHAT, "max_tokens": 400, "stream": True, "ignore_eos": True}
-    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+    with caplog.at_level("INFO", logger="kiln_ray.api"), http.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         lines = (line for line in r.iter_lines() if line.startswith("data: "))
         first = json.loads(next(lines)[len("data: "):])
@@ -70,6 +70,7 @@ def test_a_stream_that_outlives_the_timeout_ends_with_a_504_event(server):
             rest = [line[len("data: "):] for line in lines]
     errors = [json.loads(e)["error"] for e in rest if e != "[DONE]" and "error" in json.loads(e)]
     assert [e["code"] for e in errors] == ["timeout"] and rest[-1] == "[DONE]"
+    assert any(" chat " in m and "finish=error" in m for m in caplog.messages)  # not logged as a success
     wait_idle(engine)
     assert not engine.engine.requests
 
