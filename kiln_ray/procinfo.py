@@ -21,3 +21,16 @@ def process_memory(pid: int) -> dict:
         "uss": fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0),
         "shared": fields.get("Shared_Clean", 0) + fields.get("Shared_Dirty", 0),
     }
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's freed pages back to the OS (glibc's malloc_trim). A training job frees
+    hundreds of MiB of activations, which glibc otherwise keeps: measured on SmolLM2, eight
+    GRPO jobs in one process grew it from 0.6 to 2.5 GiB RSS, and trimming after each job
+    held it near 0.8. False where there is no glibc."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -12,7 +12,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi.responses import StreamingResponse
@@ -79,18 +79,11 @@ class EngineStreams:
         deadline: 504, the engine request aborted) is an HTTP error rather than a broken
         stream. Returns (first deltas or None, the rest)."""
         deltas = self._deltas(gen, choice, choices, timing)
-        try:
-            async with asyncio.timeout_at(timing.deadline):
+        async with self._as_api_errors(timing):  # on a timeout the cancelled generator has aborted
+            try:
                 first = await deltas.__anext__()
-        except StopAsyncIteration:
-            return None, deltas
-        except TimeoutError:  # the cancelled generator has closed its engine stream: aborted
-            raise self._timeout() from None
-        except Exception as error:
-            mapped = engine_error(error)
-            if mapped is None:
-                raise
-            raise mapped from None
+            except StopAsyncIteration:
+                return None, deltas
         return first, deltas
 
     async def start_all(self, rid: str, runs: list[Run], choice: AdapterChoice) -> tuple[list[Started], list[Timing]]:
@@ -110,11 +103,17 @@ class EngineStreams:
 
     async def consume(self, rest: AsyncIterator[list[Delta]], timing: Timing) -> None:
         """Drive a non-streamed request to its end (the choices collect the text)."""
+        async with self._as_api_errors(timing), aclosing(rest):
+            async for _ in rest:
+                pass
+
+    @asynccontextmanager
+    async def _as_api_errors(self, timing: Timing):
+        """The request's deadline, and engine failures as the APIErrors they mean (504 past the
+        deadline)."""
         try:
             async with asyncio.timeout_at(timing.deadline):
-                async with aclosing(rest):
-                    async for _ in rest:
-                        pass
+                yield
         except TimeoutError:
             raise self._timeout() from None
         except Exception as error:

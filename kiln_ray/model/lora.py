@@ -218,8 +218,11 @@ class LoraWeights:
 class TrainableLora(nn.Module):
     """The trainable parameters of one adapter. `apply` adds its delta to a projection's output."""
 
-    def __init__(self, sites: dict[SiteKey, LoraSite], rank: int, alpha: float, init: LoraWeights | None = None):
+    def __init__(self, sites: dict[SiteKey, LoraSite], rank: int, alpha: float, init: LoraWeights | None = None,
+                 seed: int | None = None):
+        """`seed`: draws the fresh A matrices (a job's seed: the same job trains the same adapter)."""
         super().__init__()
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.rank, self.alpha = rank, alpha
         self.scale = alpha / rank
         self.sites = sites
@@ -233,7 +236,7 @@ class TrainableLora(nn.Module):
                 a, b = a.clone().float(), b.clone().float()
             else:
                 a = torch.empty(rank, site.in_features)
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as PEFT: A random, B zero
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # as PEFT: A random, B zero
                 b = torch.zeros(site.out_features, rank)
             self.a[key], self.b[key] = nn.Parameter(a), nn.Parameter(b)
             self.by_linear.setdefault(site.linear, []).append((key, site))

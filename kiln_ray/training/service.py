@@ -34,6 +34,7 @@ from kiln_ray.metrics import Metrics
 from kiln_ray.model.lora import DEFAULT_TARGETS, LINEAR_ATTENTION_TARGETS, LoraWeights, check_shapes, lora_sites
 from kiln_ray.training.data import GroupBatch, TokenizedExample
 from kiln_ray.training.trainer import JobCancelled, StepReport, Trainer, TrainConfig, TrainResult
+from kiln_ray.procinfo import release_freed_memory
 from kiln_ray.training.webhook import post_status
 
 log = logging.getLogger("kiln_ray.training")
@@ -243,6 +244,7 @@ class TrainingService:
             if job.state != JobState.QUEUED:  # cancelled while queued
                 continue
             self._run_job(job)
+            release_freed_memory()  # the job's activations and optimizer copies, back to the OS
 
     def _run_job(self, job: Job) -> None:
         with self._lock:

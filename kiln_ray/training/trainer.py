@@ -212,7 +212,7 @@ class Trainer:
         sites = lora_sites(self.model, tuple(config.targets))
         fresh = config.from_scratch or start is None
         if fresh:
-            lora = TrainableLora(sites, config.lora_rank, config.lora_alpha)
+            lora = TrainableLora(sites, config.lora_rank, config.lora_alpha, seed=config.seed)
         else:
             lora = TrainableLora(sites, start.rank, start.alpha, init=start)
         optimizer = torch.optim.AdamW(lora.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)

@@ -39,6 +39,18 @@ def test_sft_loss_falls_and_only_lora_changes(tiny):
     assert any(b.abs().sum() > 0 for _, b in result.weights.modules.values())
 
 
+def test_the_same_job_trains_the_same_adapter_whatever_the_global_rng(tiny):
+    """A fresh adapter's A matrices come from the job's seed, not torch's global generator."""
+    torch.manual_seed(1)
+    first = Trainer(tiny).run_sft(EXAMPLES, CFG).weights
+    torch.manual_seed(2)
+    again = Trainer(tiny).run_sft(EXAMPLES, CFG).weights
+    other = Trainer(tiny).run_sft(EXAMPLES, replace(CFG, seed=CFG.seed + 1)).weights
+    for key, (a, b) in first.modules.items():
+        assert torch.equal(a, again.modules[key][0]) and torch.equal(b, again.modules[key][1]), key
+    assert any(not torch.equal(a, other.modules[key][0]) for key, (a, _) in first.modules.items())
+
+
 def test_sft_trains_a_hybrid_model_through_its_linear_attention_layers(tiny_model_dirs):
     """Qwen3.5 (Kiln's model family): gradients flow back through the gated-delta-net layers'
     chunked rule and conv, into LoRA on their own projections as well as the MLPs."""
