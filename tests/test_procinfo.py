@@ -1,7 +1,8 @@
 """kiln_ray/procinfo.py: what the trainer does after each job to give freed memory back."""
 
 import gc
-import sys
+import os
+import platform
 
 import pytest
 
@@ -10,10 +11,10 @@ from kiln_ray.procinfo import release_freed_memory
 
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim")
 def test_freed_heap_memory_goes_back_to_the_os():
     """Blocks small enough for the heap, nine in ten freed and every tenth kept (so the heap
     cannot simply shrink from its top): glibc keeps the freed pages until trimmed."""

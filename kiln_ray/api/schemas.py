@@ -320,7 +320,7 @@ class TrainJobConfig(_Body):
     max_grad_norm: float | None = Field(None, gt=0)
     kl_coeff: float | None = Field(None, ge=0)
     clip_epsilon: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     webhook_url: str | None = Field(None, pattern=r"^https?://")
 
 

@@ -201,7 +201,7 @@ class EngineStreams:
                     entries.append(entry)
             return fmt.chat_chunk(rid, created, model, entries) if entries else None
 
-        recorded = False
+        recorded, outcome = False, "disconnected"
         try:
             async for event in self._stream_body(first, rest, chunk_for, timing):
                 yield event
@@ -210,9 +210,12 @@ class EngineStreams:
             recorded = True
             self.record(rid, request_id, "chat", num_prompt, choices, timing)
             yield fmt.SSE_DONE
+        except Exception:
+            outcome = "error"
+            raise
         finally:
-            if not recorded:  # the client left
-                self.record(rid, request_id, "chat", num_prompt, choices, timing, "disconnected")
+            if not recorded:  # the client left (GeneratorExit, a cancel), or this code failed
+                self.record(rid, request_id, "chat", num_prompt, choices, timing, outcome)
 
     async def completion_events(self, rid: str, request_id: str, created: int, model: str, runs: list[Run],
                                 started: list[Started], prefix: list[str], echo: bool, want_logprobs: bool,
@@ -221,10 +224,6 @@ class EngineStreams:
         their events interleaved as they come: with `echo`, each choice's prompt text
         (`prefix`) first; the usage chunk when asked for, the log line, then [DONE]."""
         offsets = {c.index: len(prefix[p]) for p, (_, _, cs) in enumerate(runs) for c in cs}  # logprobs' text_offset
-        if echo:
-            for p_idx, (_, _, choices) in enumerate(runs):
-                for c in choices:
-                    yield fmt.completion_chunk(rid, created, model, [{"index": c.index, "text": prefix[p_idx], "logprobs": None, "finish_reason": None}])
 
         def chunk_for(deltas: list[Delta]) -> str | None:
             entries = []
@@ -238,8 +237,13 @@ class EngineStreams:
 
         bodies = [self._stream_body(first, rest, chunk_for, t) for (first, rest), t in zip(started, timings)]
         all_choices = [c for _, _, cs in runs for c in cs]
-        recorded = False
+        recorded, outcome = False, "disconnected"
         try:
+            if echo:
+                for p_idx, (_, _, choices) in enumerate(runs):
+                    for c in choices:
+                        yield fmt.completion_chunk(rid, created, model, [{"index": c.index, "text": prefix[p_idx],
+                                                                          "logprobs": None, "finish_reason": None}])
             async with aclosing(_interleaved(bodies)) as events:
                 async for event in events:
                     yield event
@@ -248,10 +252,12 @@ class EngineStreams:
             recorded = True
             self.record(rid, request_id, "completion", num_prompt, all_choices, Timing.earliest(timings))
             yield fmt.SSE_DONE
+        except Exception:
+            outcome = "error"
+            raise
         finally:
-            if not recorded:  # the client left
-                self.record(rid, request_id, "completion", num_prompt, all_choices, Timing.earliest(timings),
-                            "disconnected")
+            if not recorded:  # as in chat_events
+                self.record(rid, request_id, "completion", num_prompt, all_choices, Timing.earliest(timings), outcome)
 
     async def _stream_body(self, first: list[Delta] | None, rest: AsyncIterator[list[Delta]], chunk_for: ChunkFor,
                            timing: Timing) -> AsyncIterator[str]:

@@ -16,7 +16,7 @@ State = frozenset  # of Stack
 MAX_WHITESPACE = 32
 MAX_DEPTH = 64  # nesting of objects and arrays in one document
 UNBOUNDED = 1 << 30  # room of a string without maxLength
-MAX_NUMBER_DIGITS = 16  # of a number's integer part, and of its fraction (more than a double holds)
+MAX_NUMBER_DIGITS = 20  # of a number's integer part, and of its fraction (uint64 has 20; 0.1 + 0.2 prints 17)
 MAX_EXPONENT_DIGITS = 3
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
@@ -167,7 +167,12 @@ def at_an_end(nodes: list[Node], stack: Stack) -> bool:
     frame = stack[0]
     if frame[0] == "X":
         return nodes[frame[1]].regex.finished(frame[2])
-    return frame[0] == "N" and frame[2] == 8 and frame[3] == MAX_EXPONENT_DIGITS
+    if frame[0] != "N":
+        return False
+    integer, phase, digits = frame[1], frame[2], frame[3]
+    if phase == 8:
+        return digits == MAX_EXPONENT_DIGITS
+    return integer and (phase == 2 or (phase == 3 and digits == MAX_NUMBER_DIGITS))  # "0", or digits at the cap
 
 
 def _step_bounded_string(nodes: list[Node], frame: Frame, rest: Stack, byte: int, out: set[Stack]) -> None:

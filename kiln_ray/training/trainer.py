@@ -200,11 +200,11 @@ class Trainer:
     def warm_up(self) -> float:
         """One throwaway step (the first backward pays one-time costs: ~10 s measured), so a
         user's first job does not. It leaves no trace: its adapter is discarded, the frozen
-        model is unchanged, and the (CPU) random stream is restored, so the next job is exactly
-        what it would have been without it. Returns the seconds it took."""
+        model is unchanged, and torch's (CPU) random stream is left as it was. Returns the
+        seconds it took."""
         started = time.perf_counter()
         example = TokenizedExample([1, 2, 3, 4, 5, 6], [False, False, False, True, True, True])
-        with torch.random.fork_rng(devices=[]):  # the throwaway LoRA init draws from it
+        with torch.random.fork_rng(devices=[]):  # the adapter init is seeded; anything else that draws is undone
             self.run_sft([example], TrainConfig(steps=1, early_stop_loss=None, replay_per_step=0))
         return time.perf_counter() - started
 
@@ -214,7 +214,7 @@ class Trainer:
         if fresh:
             lora = TrainableLora(sites, config.lora_rank, config.lora_alpha, seed=config.seed)
         else:
-            lora = TrainableLora(sites, start.rank, start.alpha, init=start)
+            lora = TrainableLora(sites, start.rank, start.alpha, init=start, seed=config.seed)  # seed: sites start lacks
         optimizer = torch.optim.AdamW(lora.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         if not fresh and optimizer_state is not None:
             _load_optimizer(optimizer, lora, optimizer_state, config.learning_rate)

@@ -129,6 +129,13 @@ def test_merge_and_composition(http):
     assert merged == composed  # concat merge == runtime composition (both exact)
 
 
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_a_job_seed_outside_64_bits_is_a_400(http, seed):
+    r = http.post("/v1/train/sft", json={"adapter": "seeded", "examples": [{"messages": CONV}],
+                                         "config": {**FAST, "seed": seed}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "config.seed", r.text
+
+
 def test_ranks_the_engine_cannot_serve_are_refused(http):
     """The engine's slots hold rank engine.max_lora_rank (the default here): a job, merge or
     upload above it would store a version no request could be served with."""

@@ -114,9 +114,11 @@ def accepts(schema, text: str) -> bool:
     ({"type": "integer", "minimum": 5, "anyOf": [{"maximum": 7}, {"maximum": 3}]}, "6", True),  # one alternative left
     ({"type": "integer", "minimum": 5, "anyOf": [{"maximum": 7}, {"maximum": 3}]}, "8", False),
     ({"minimum": 5}, "5.5", True),
-    ({"type": "number"}, "-" + "9" * 16 + "." + "9" * 16 + "e+999", True),
-    ({"type": "number"}, "1" * 17, False),  # digits are capped: a model repeating one digit must stop
-    ({"type": "number"}, "0." + "1" * 17, False),
+    ({"type": "number"}, "-" + "9" * 20 + "." + "9" * 20 + "e+999", True),
+    ({"type": "number"}, "0.30000000000000004", True),  # json.dumps(0.1 + 0.2)
+    ({"type": "integer"}, "18446744073709551615", True),  # the largest uint64
+    ({"type": "number"}, "1" * 21, False),  # digits are capped: a model repeating one digit must stop
+    ({"type": "number"}, "0." + "1" * 21, False),
     ({"type": "number"}, "1e1000", False),
     ({"type": "integer", "minimum": -1e300, "maximum": 10**50}, "-" + "9" * 40, True),  # drawn in to 40 digits
     ({"type": "integer", "minimum": -1e300, "maximum": 10**50}, "1" + "0" * 40, False),  # stricter, never looser  # bounds of numbers are not enforced (an integer may still be any number)
@@ -359,3 +361,16 @@ def test_a_regex_grammar_reads_exactly_the_texts_the_regex_matches_whole(smol_vo
         state = grammar.feed(grammar.start, prefix.encode())
         expected = torch.tensor([b is not None and bool(grammar.feed(state, b)) for b in vocabulary.token_bytes])
         assert torch.equal(vocabulary.allowed(grammar, state), expected), prefix
+
+
+@pytest.mark.parametrize("schema, text, finished", [
+    ({"type": "integer"}, "0", True), ({"type": "integer"}, "-0", True), ({"type": "integer"}, "1" * 20, True),
+    ({"type": "integer"}, "12", False), ({"type": "number"}, "0", False), ({"type": "number"}, "1e123", True),
+    ({"type": "number"}, "1" * 20, False),  # a point or an exponent may still come
+])
+def test_a_top_level_number_that_cannot_go_on_is_finished(schema, text, finished):
+    """With ignore_eos nothing can stop such a document: the guide then leaves it to max_tokens
+    instead of masking every token."""
+    grammar = compile_schema(schema)
+    state = grammar.feed(grammar.start, text.encode())
+    assert grammar.complete(state) and grammar.finished(state) is finished
