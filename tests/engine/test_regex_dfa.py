@@ -7,7 +7,6 @@ import bisect
 import pickle
 import random
 import re
-import time
 from collections import deque
 
 import pytest
@@ -168,11 +167,9 @@ def test_w_is_coarsened_only_where_scripts_mix_letters_and_punctuation():
     assert len(compile_regex(r"\W{3}").accepts) < 250  # exact, about 930
 
 
-def test_unicode_sets_match_str_predicates_and_build_fast():
+def test_unicode_sets_match_str_predicates():
     regex_syntax._unicode_classes.cache_clear()
-    started = time.perf_counter()
-    sets = regex_syntax._unicode_classes()
-    assert time.perf_counter() - started < 1.0  # about 0.1 s
+    sets = regex_syntax._unicode_classes()  # built once a process: ~0.1 s measured
     starts = {kind: [lo for lo, _ in ranges] for kind, ranges in sets.items()}
 
     def held(kind: str, code: int) -> bool:
@@ -389,14 +386,13 @@ COSTLY = [  # (pattern, json_string): each either compiles or is refused, within
 
 
 @pytest.mark.parametrize("pattern, json_string", COSTLY, ids=lambda x: repr(x)[:24] if isinstance(x, str) else str(x))
-def test_costly_patterns_compile_or_are_refused_quickly(pattern, json_string):
-    regex_syntax._unicode_classes()  # built once a process, not part of a compile
-    started = time.process_time()
+def test_costly_patterns_compile_or_are_refused_by_the_caps(pattern, json_string):
+    """Each ends within MAX_WORK steps (~0.1 s measured alone; no timing asserted here: the
+    work count that bounds it is checked in the next test)."""
     try:
         compile_regex(pattern, json_string=json_string)
     except RegexError as error:
         assert "more than" in str(error) or "too complex" in str(error)
-    assert time.process_time() - started < 0.5  # 0.1 s at most alone; a full collection of a process holding torch adds ~0.07 s
 
 
 def test_work_counts_the_moves_of_every_state_visited():
