@@ -8,6 +8,7 @@ as SSE events, every `stream_interval` engine batches. All of it under the reque
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter
@@ -201,21 +202,15 @@ class EngineStreams:
                     entries.append(entry)
             return fmt.chat_chunk(rid, created, model, entries) if entries else None
 
-        recorded, outcome = False, "disconnected"
-        try:
+        async def events() -> AsyncIterator[str]:
             async for event in self._stream_body(first, rest, chunk_for, timing):
                 yield event
             if include_usage:
                 yield fmt.chat_chunk(rid, created, model, [], fmt.usage(choices, num_prompt))
-            recorded = True
-            self.record(rid, request_id, "chat", num_prompt, choices, timing)
-            yield fmt.SSE_DONE
-        except Exception:
-            outcome = "error"
-            raise
-        finally:
-            if not recorded:  # the client left (GeneratorExit, a cancel), or this code failed
-                self.record(rid, request_id, "chat", num_prompt, choices, timing, outcome)
+
+        record = functools.partial(self.record, rid, request_id, "chat", num_prompt, choices, timing)
+        async for event in _recorded_then_done(events(), record):
+            yield event
 
     async def completion_events(self, rid: str, request_id: str, created: int, model: str, runs: list[Run],
                                 started: list[Started], prefix: list[str], echo: bool, want_logprobs: bool,
@@ -237,27 +232,23 @@ class EngineStreams:
 
         bodies = [self._stream_body(first, rest, chunk_for, t) for (first, rest), t in zip(started, timings)]
         all_choices = [c for _, _, cs in runs for c in cs]
-        recorded, outcome = False, "disconnected"
-        try:
+
+        async def events() -> AsyncIterator[str]:
             if echo:
                 for p_idx, (_, _, choices) in enumerate(runs):
                     for c in choices:
                         yield fmt.completion_chunk(rid, created, model, [{"index": c.index, "text": prefix[p_idx],
                                                                           "logprobs": None, "finish_reason": None}])
-            async with aclosing(_interleaved(bodies)) as events:
-                async for event in events:
+            async with aclosing(_interleaved(bodies)) as interleaved:
+                async for event in interleaved:
                     yield event
             if include_usage:
                 yield fmt.completion_chunk(rid, created, model, [], fmt.usage(all_choices, num_prompt))
-            recorded = True
-            self.record(rid, request_id, "completion", num_prompt, all_choices, Timing.earliest(timings))
-            yield fmt.SSE_DONE
-        except Exception:
-            outcome = "error"
-            raise
-        finally:
-            if not recorded:  # as in chat_events
-                self.record(rid, request_id, "completion", num_prompt, all_choices, Timing.earliest(timings), outcome)
+
+        record = lambda outcome=None: self.record(  # noqa: E731 - the timing is taken when the request ends
+            rid, request_id, "completion", num_prompt, all_choices, Timing.earliest(timings), outcome)
+        async for event in _recorded_then_done(events(), record):
+            yield event
 
     async def _stream_body(self, first: list[Delta] | None, rest: AsyncIterator[list[Delta]], chunk_for: ChunkFor,
                            timing: Timing) -> AsyncIterator[str]:
@@ -296,6 +287,25 @@ class EngineStreams:
         if error_event is not None:
             timing.failed = True
             yield error_event
+
+
+async def _recorded_then_done(events: AsyncIterator[str], record: Callable[..., None]) -> AsyncIterator[str]:
+    """A stream's events, its log line (`record()`), then [DONE]. A stream that stops early is
+    recorded once too: "error" if our code failed, else "disconnected" (the client left)."""
+    recorded, outcome = False, "disconnected"
+    try:
+        async with aclosing(events):
+            async for event in events:
+                yield event
+        recorded = True
+        record()
+        yield fmt.SSE_DONE
+    except Exception:
+        outcome = "error"
+        raise
+    finally:
+        if not recorded:
+            record(outcome=outcome)
 
 
 def _error_event(error: Exception) -> str:
